@@ -1,0 +1,114 @@
+"""Find features and targets in a step's outputs and batch: keys, dotted paths, indices or callables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["MISSING", "Locator", "available_keys", "describe", "locate", "lookup"]
+
+#: Where a value is: a key (or dotted path ``"views.0"``), an index, or ``(outputs, batch) -> value``.
+Locator = str | int | Callable[[Any, Any], Any]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()
+
+
+def lookup(container: Any, key: str | int) -> Any:
+    """Return ``container[key]``, following a dotted path through dicts and lists, or ``MISSING``.
+
+    Examples:
+        >>> lookup({"views": [1, 2]}, "views.1")
+        2
+        >>> lookup((3, 4), 1)
+        4
+        >>> lookup({"a": 1}, "b")
+        MISSING
+    """
+    if container is None:
+        return MISSING
+    if isinstance(key, int) and not isinstance(key, bool):
+        if (
+            isinstance(container, Sequence)
+            and not isinstance(container, str)
+            and -len(container) <= key < len(container)
+        ):
+            return container[key]
+        if isinstance(container, Mapping) and key in container:
+            return container[key]
+        return MISSING
+    if isinstance(container, Mapping) and key in container:
+        return container[key]
+    if "." not in key:
+        return MISSING
+    value = container
+    for part in key.split("."):
+        step = int(part) if part.lstrip("-").isdigit() and not isinstance(value, Mapping) else part
+        value = lookup(value, step)
+        if value is MISSING:
+            return MISSING
+    return value
+
+
+def locate(locator: Locator, sources: Sequence[Any], outputs: Any, batch: Any) -> Any:
+    """Resolve ``locator`` in the first of ``sources`` that holds it, or call it with ``(outputs, batch)``.
+
+    Returns ``MISSING`` when no source holds it.
+
+    Examples:
+        >>> locate("x", [{"y": 0}, {"x": 1}], None, None)
+        1
+        >>> locate(lambda out, b: b[0], [], None, (5, 6))
+        5
+    """
+    if callable(locator):
+        return locator(outputs, batch)
+    for source in sources:
+        value = lookup(source, locator)
+        if value is not MISSING:
+            return value
+    return MISSING
+
+
+def available_keys(container: Any) -> list[str]:
+    """Keys one could pass for ``container``: dict keys (tensor-valued first), or indices of a tuple/list.
+
+    Examples:
+        >>> available_keys({"loss": 1, "emb": 2})
+        ['loss', 'emb']
+        >>> available_keys((1, 2))
+        ['0', '1']
+    """
+    if isinstance(container, Mapping):
+        return [str(k) for k in container]
+    if isinstance(container, Sequence) and not isinstance(container, str):
+        return [str(i) for i in range(len(container))]
+    return []
+
+
+def describe(container: Any) -> str:
+    """A short description of what a step returned or what a batch is, for error messages.
+
+    Examples:
+        >>> describe({"a": 1})
+        "'a'"
+        >>> describe(None)
+        'nothing'
+    """
+    keys = available_keys(container)
+    if keys:
+        if isinstance(container, Mapping):
+            return ", ".join(repr(k) for k in keys)
+        return f"indices {', '.join(keys)} of a {type(container).__name__}"
+    if container is None:
+        return "nothing"
+    if isinstance(container, Tensor):
+        return f"a single tensor of shape {tuple(container.shape)}"
+    return f"a {type(container).__name__}"

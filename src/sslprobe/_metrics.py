@@ -1,0 +1,131 @@
+"""Metric forms accepted by the callbacks, normalised to named torchmetrics objects, and the default top-1."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric, MetricCollection
+
+__all__ = ["MetricsSpec", "Top1Accuracy", "normalize_metrics", "snake_case"]
+
+MetricsSpec = Metric | Sequence[Metric] | Mapping[str, Any] | None
+_SPLIT_KEYS = ("train", "val")
+
+
+def snake_case(name: str) -> str:
+    """``MulticlassAccuracy`` -> ``multiclass_accuracy``.
+
+    Examples:
+        >>> snake_case("MulticlassAccuracy"), snake_case("F1Score"), snake_case("MulticlassAUROC")
+        ('multiclass_accuracy', 'f1_score', 'multiclass_auroc')
+    """
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name)
+    name = re.sub(r"(?<=[A-Z])(?=[A-Z][a-z])", "_", name)
+    return name.lower()
+
+
+class Top1Accuracy(Metric):
+    """Top-1 accuracy of logits ``(B, C)`` (or class indices ``(B,)``) against integer targets ``(B,)``.
+
+    Needs no ``num_classes``, so it can be the default metric of a probe whose size is inferred. Its update is two
+    device reductions with no host sync.
+
+    Examples:
+        >>> import torch
+        >>> metric = Top1Accuracy()
+        >>> metric.update(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+        >>> metric.compute()
+        tensor(0.5000)
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+    correct: Tensor
+    total: Tensor
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        if preds.ndim == target.ndim + 1:
+            preds = preds.argmax(dim=-1)
+        self.correct += (preds == target).sum()
+        self.total += target.numel()
+
+    def compute(self) -> Tensor:
+        return self.correct.float() / self.total.clamp(min=1)
+
+
+def _check_name(name: Any, owner: str) -> str:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(
+            f"{owner}: metric names must be non-empty strings without '.', got {name!r}. Rename it, e.g. 'top1'."
+        )
+    return name
+
+
+def _check_metric(value: Any, name: str, owner: str) -> Metric:
+    if not isinstance(value, Metric):
+        raise TypeError(
+            f"{owner}: metric {name!r} must be a torchmetrics.Metric, got {type(value).__name__}. "
+            "Pass e.g. torchmetrics.classification.MulticlassAccuracy(num_classes=10)."
+        )
+    return value
+
+
+def _plain(spec: Any, owner: str) -> dict[str, Metric]:
+    if spec is None:
+        return {}
+    if isinstance(spec, Metric):
+        return {snake_case(type(spec).__name__): spec}
+    if isinstance(spec, MetricCollection):
+        return {_check_name(k, owner): _check_metric(v, k, owner) for k, v in spec.items()}
+    if isinstance(spec, Mapping):
+        return {_check_name(k, owner): _check_metric(v, str(k), owner) for k, v in spec.items()}
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        named: dict[str, Metric] = {}
+        for i, value in enumerate(spec):
+            metric = _check_metric(value, f"#{i}", owner)
+            base = snake_case(type(metric).__name__)
+            name, n = base, 1
+            while name in named:
+                n += 1
+                name = f"{base}_{n}"
+            named[name] = metric
+        return named
+    raise TypeError(
+        f"{owner}: metrics must be a torchmetrics.Metric, a list/tuple of them, a dict name -> Metric, or "
+        f"{{'train': ..., 'val': ...}}, got {type(spec).__name__}."
+    )
+
+
+def normalize_metrics(spec: MetricsSpec, owner: str, default: dict[str, Metric] | None = None) -> dict[str, dict]:
+    """Turn any accepted metrics form into ``{"train": {...}, "val": {...}, "test": {...}}`` of separate copies.
+
+    ``None`` gives ``default`` (if any) on every split. A dict whose keys are only ``train``/``val`` is the split
+    form; each side takes any plain form, and ``val`` also serves ``test``. A plain form is tracked in every split.
+
+    Examples:
+        >>> out = normalize_metrics([Top1Accuracy(), Top1Accuracy()], "probe")
+        >>> sorted(out["train"]), sorted(out["test"])
+        (['top1_accuracy', 'top1_accuracy_2'], ['top1_accuracy', 'top1_accuracy_2'])
+    """
+    if spec is None:
+        spec = default or {}
+    if isinstance(spec, Mapping) and not isinstance(spec, MetricCollection) and spec and set(spec) <= set(_SPLIT_KEYS):
+        train = _plain(spec.get("train"), owner)
+        val = _plain(spec.get("val"), owner)
+    else:
+        train = _plain(spec, owner)
+        val = {name: copy.deepcopy(metric) for name, metric in train.items()}
+        train = {name: copy.deepcopy(metric) for name, metric in train.items()}
+    test = {name: copy.deepcopy(metric) for name, metric in val.items()}
+    return {"train": train, "val": val, "test": test}

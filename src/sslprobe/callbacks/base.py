@@ -1,0 +1,414 @@
+"""TrainableCallback: the base of callbacks that train their own module beside the main model."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import operator
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from typing_extensions import override
+
+from sslprobe._build import ModuleSpec, build_module, has_uninitialized_params
+from sslprobe._distributed import all_reduce_mean_, all_reduce_sum_, broadcast_, world_size
+from sslprobe._rng import PrivateRNG, needs_private_rng
+from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec, create_optimizer, create_scheduler, split_interval
+from sslprobe.optim.stepper import Stepper
+
+__all__ = ["TrainableCallback"]
+
+log = logging.getLogger(__name__)
+
+_ALLOWED_CLIP_ALGORITHMS = ("norm", "value")
+# Strategies whose module holds full, unsharded parameters on every process.
+_REPLICATED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+
+
+def ensure_containers(module: nn.Module, owner: str) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+    """Return ``module.callbacks_modules`` and ``module.callbacks_metrics``, creating them on a plain module."""
+    containers = []
+    for attr in ("callbacks_modules", "callbacks_metrics"):
+        existing = getattr(module, attr, None)
+        if existing is None:
+            existing = nn.ModuleDict()
+            # The one write to a user's module: the two containers the SPEC puts probes and metrics in.
+            setattr(module, attr, existing)
+        elif not isinstance(existing, nn.ModuleDict):
+            raise TypeError(
+                f"{owner}: {type(module).__name__}.{attr} is a {type(existing).__name__}; sslprobe keeps probes "
+                f"there and needs an nn.ModuleDict. Rename your attribute."
+            )
+        containers.append(existing)
+    return containers[0], containers[1]
+
+
+def check_name(name: Any, cls: str) -> str:
+    """Check a callback name: a non-empty string without '.', usable as a ModuleDict key and a log name."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{cls}: name must be a non-empty string without '.', got {name!r}. Use e.g. name='linear'.")
+    return name
+
+
+class TrainableCallback(Callback):
+    """Base of callbacks that train their own module on the side, with their own optimizer and schedule.
+
+    The module lives in ``module.callbacks_modules[name]`` (registered at construction, so it is part of the
+    LightningModule's ``state_dict``, moves with it and loads strictly into a fresh module). After every training
+    batch the callback asks :meth:`compute_loss` for a loss, and a :class:`~sslprobe.optim.stepper.Stepper` turns
+    it into an update: gradients by ``torch.autograd.grad`` (the main optimizer never sees them, even when it was
+    built over ``self.parameters()``), accumulation over ``accumulate_grad_batches`` batches, clipping, and a step
+    that a non-finite batch cannot corrupt, all without a host sync. Under DDP the module is kept out of the main
+    model's gradient reduction and its own gradients are averaged in one collective per step.
+
+    A subclass supplies the module (``trainable``) and :meth:`compute_loss`; it logs ``train/{name}_loss``.
+
+    Args:
+        module: the LightningModule whose training the callback rides on.
+        name: unique id on that module; used for storage, checkpoints and log names.
+        trainable: an ``nn.Module``, a callable returning one, or a Hydra-style config with ``_target_``. Modules
+            built here (and lazy modules materialised at the first batch) draw from a private RNG stream.
+        optimizer: see :func:`~sslprobe.optim.create_optimizer` (``None``: LARS with the probe default).
+        scheduler: see :func:`~sslprobe.optim.create_scheduler`; a dict may add ``"interval"`` (``"step"`` or
+            ``"epoch"``).
+        accumulate_grad_batches: step once every N training batches, on the mean gradient of those N.
+        gradient_clip_val: clip the module's gradients to this value before its step, or ``None``.
+        gradient_clip_algorithm: ``"norm"`` (total L2 norm) or ``"value"`` (element-wise).
+
+    Raises:
+        ValueError: for a bad value or a name already used on ``module``.
+        TypeError: for an argument of the wrong type.
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from sslprobe import Module
+        >>> class RegressionProbe(TrainableCallback):
+        ...     def compute_loss(self, trainer, pl_module, outputs, batch, batch_idx):
+        ...         features, target = outputs["embedding"].detach(), batch[1]
+        ...         return F.mse_loss(self.trainable_module(pl_module)(features), target)
+        >>> model = Module(forward=lambda self, b, stage: {"embedding": self.net(b[0])}, net=torch.nn.Linear(4, 8))
+        >>> probe = RegressionProbe(model, "regression", torch.nn.Linear(8, 1), optimizer="SGD")
+        >>> model.callbacks_modules["regression"]
+        Linear(in_features=8, out_features=1, bias=True)
+    """
+
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        name: str,
+        trainable: ModuleSpec,
+        optimizer: OptimizerSpec = None,
+        scheduler: SchedulerSpec = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+    ) -> None:
+        cls = type(self).__name__
+        name = check_name(name, cls)
+        owner = f"{cls}(name={name!r})"
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{owner}: module must be the LightningModule to probe, got {type(module).__name__}.")
+        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int):
+            raise TypeError(
+                f"{owner}: accumulate_grad_batches must be a positive int, got {accumulate_grad_batches!r}. "
+                "Use 1 to step every batch."
+            )
+        if accumulate_grad_batches < 1:
+            raise ValueError(
+                f"{owner}: accumulate_grad_batches must be a positive int, got {accumulate_grad_batches}. "
+                "Use 1 to step every batch."
+            )
+        if gradient_clip_val is not None and (
+            isinstance(gradient_clip_val, bool)
+            or not isinstance(gradient_clip_val, (int, float))
+            or not gradient_clip_val > 0
+            or not math.isfinite(gradient_clip_val)
+        ):
+            raise ValueError(
+                f"{owner}: gradient_clip_val must be a positive number or None, got {gradient_clip_val!r}. "
+                "Use None to disable clipping."
+            )
+        if gradient_clip_algorithm not in _ALLOWED_CLIP_ALGORITHMS:
+            raise ValueError(
+                f"{owner}: gradient_clip_algorithm must be one of {_ALLOWED_CLIP_ALGORITHMS}, "
+                f"got {gradient_clip_algorithm!r}."
+            )
+        self._check_optimizer_forms(optimizer, scheduler, owner)
+        callbacks_modules, _ = ensure_containers(module, owner)
+        if name in callbacks_modules:
+            raise ValueError(
+                f"{owner}: the name {name!r} is already used on this {type(module).__name__} "
+                f"(taken: {', '.join(repr(k) for k in callbacks_modules)}). Give each probe its own name."
+            )
+        self._rng = PrivateRNG()
+        built = build_module(trainable, self._rng, owner)
+        if isinstance(optimizer, Optimizer):
+            # Catch an instance over other parameters now rather than at the first batch.
+            create_optimizer(optimizer, built.parameters(), owner=owner)
+        callbacks_modules[name] = built
+
+        self.name = name
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self._owner = owner
+        self._stepper: Stepper | None = None
+        self._parked_state: dict[str, Any] | None = None
+        self._rng_needed: tuple[int, bool] | None = None
+        self._skip_warned = False
+
+    @staticmethod
+    def _check_optimizer_forms(optimizer: Any, scheduler: Any, owner: str) -> None:
+        if not (optimizer is None or isinstance(optimizer, (str, Mapping, Optimizer, type)) or callable(optimizer)):
+            raise TypeError(
+                f"{owner}: optimizer must be None, a name, a dict with 'type', an Optimizer class, a callable taking "
+                f"the parameters, or an Optimizer instance, got {type(optimizer).__name__}."
+            )
+        if isinstance(optimizer, type) and not issubclass(optimizer, Optimizer):
+            raise TypeError(f"{owner}: optimizer class {optimizer.__name__} is not a torch.optim.Optimizer.")
+        if not (scheduler is None or isinstance(scheduler, (str, Mapping, LRScheduler, type)) or callable(scheduler)):
+            raise TypeError(
+                f"{owner}: scheduler must be None, a name, a dict with 'type', a scheduler class, a callable taking "
+                f"the optimizer, or a scheduler instance, got {type(scheduler).__name__}."
+            )
+        if isinstance(scheduler, Mapping):
+            split_interval(scheduler, owner=owner)
+        if isinstance(scheduler, LRScheduler) and scheduler.optimizer is not optimizer:
+            raise ValueError(
+                f"{owner}: a scheduler instance must be bound to this probe's optimizer: pass that optimizer "
+                "instance as optimizer= too, or give the scheduler as a name, dict or partial."
+            )
+
+    # ------------------------------------------------------------------ what a subclass supplies
+
+    def compute_loss(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> Tensor | None:
+        """The loss of the trainable module on this training batch, or ``None`` to skip the batch.
+
+        Runs after the main model's step, with gradients enabled and the module in train mode. Detach anything
+        taken from the main model: the loss must not reach its parameters.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss().")
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    @property
+    def stepper(self) -> Stepper | None:
+        """The optimizer, scheduler and accumulation state, once built (at the first training batch)."""
+        return self._stepper
+
+    @property
+    def skipped_batches(self) -> int:
+        """Training batches skipped so far because their features or loss were not finite (reading syncs)."""
+        return 0 if self._stepper is None else int(self._stepper.skipped)
+
+    def trainable_module(self, pl_module: nn.Module) -> nn.Module:
+        """This callback's module inside ``pl_module``."""
+        try:
+            return pl_module.callbacks_modules[self.name]
+        except (AttributeError, KeyError):
+            raise RuntimeError(
+                f"{self._owner}: {type(pl_module).__name__} holds no callbacks_modules[{self.name!r}]. Create the "
+                f"callback with the module you give the Trainer: {type(self).__name__}(module=model, ...)."
+            ) from None
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the strategy and the module; keep the probe out of DDP's gradient reduction."""
+        self._check_strategy(trainer)
+        self.trainable_module(pl_module)
+        if stage == "fit" and world_size_of(trainer) > 1:
+            self._exclude_from_ddp(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start every process from rank 0's module (DDP no longer broadcasts it)."""
+        module = self.trainable_module(pl_module)
+        if world_size() > 1 and not has_uninitialized_params(module):
+            broadcast_([*module.parameters(), *module.buffers()])
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the optimizer (unless the module is still lazy) or move its state to the module's device."""
+        module = self.trainable_module(pl_module)
+        if has_uninitialized_params(module):
+            return
+        stepper = self._ensure_stepper(trainer, module)
+        stepper.to(stepper.params[0].device)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Compute the loss on this batch and let the stepper accumulate it and step."""
+        module = self.trainable_module(pl_module)
+        if not module.training:
+            module.train()
+        was_lazy = self._stepper is None and has_uninitialized_params(module)
+        # Running statistics (BatchNorm) change in the forward: keep a copy to undo a non-finite batch.
+        buffers = [] if was_lazy else [b for b in module.buffers() if b.numel()]
+        saved = [b.clone() for b in buffers]
+        with self._private_rng(module), torch.enable_grad():
+            loss = self.compute_loss(trainer, pl_module, outputs, batch, batch_idx)
+        if loss is None:
+            return
+        if was_lazy and world_size() > 1:
+            broadcast_([*module.parameters(), *module.buffers()])
+        stepper = self._ensure_stepper(trainer, module)
+        stepper.backward(loss)
+        if buffers and stepper.last_found is not None:
+            keep = stepper.last_found == 0
+            with torch.no_grad():
+                for buffer, old in zip(buffers, saved):
+                    buffer.copy_(torch.where(keep, buffer, old))
+        self._log_loss(trainer, pl_module, loss)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Step an epoch-interval scheduler and warn (once) about skipped non-finite batches."""
+        if self._stepper is None:
+            return
+        self._stepper.epoch_end()
+        if not self._skip_warned:
+            skipped = self.skipped_batches  # one sync per epoch
+            if skipped:
+                self._skip_warned = True
+                rank_zero_warn(
+                    f"{self._owner}: skipped {skipped} training batch(es) whose features or loss were not finite; the "
+                    "probe was left unchanged by them. HINT: check the main model for NaN/Inf outputs "
+                    f"(callback.skipped_batches counts them).",
+                    category=RuntimeWarning,
+                )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = dict(self._stepper.state_dict()) if self._stepper is not None else dict(self._parked_state or {})
+        state["rng"] = self._rng.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        if "rng" in state:
+            self._rng.load_state_dict(state.pop("rng"))
+        if not state:
+            return
+        if self._stepper is not None:
+            self._stepper.load_state_dict(state)
+        else:
+            # The optimizer does not exist before the first training batch: apply the state when it does.
+            self._parked_state = state
+
+    # ------------------------------------------------------------------ internals
+
+    def _private_rng(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        key = (id(module), module.training)
+        if self._rng_needed is None or self._rng_needed[0] != key or has_uninitialized_params(module):
+            self._rng_needed = (key, needs_private_rng(module))
+        return self._rng if self._rng_needed[1] else contextlib.nullcontext()
+
+    def _ensure_stepper(self, trainer: pl.Trainer, module: nn.Module) -> Stepper:
+        params = [p for p in module.parameters() if p.requires_grad]
+        current = self._stepper
+        same = current is not None and len(params) == len(current.params)
+        if same and all(map(operator.is_, params, current.params)):
+            return current
+        optimizer = create_optimizer(self.optimizer, params, owner=self._owner)
+        spec, interval = split_interval(self.scheduler, owner=self._owner)
+        total = self._scheduler_length(trainer, interval)
+        scheduler = create_scheduler(spec, optimizer, total=total, owner=self._owner)
+        self._stepper = Stepper(
+            params,
+            optimizer,
+            scheduler,
+            interval=interval,
+            accumulate_grad_batches=self.accumulate_grad_batches,
+            gradient_clip_val=self.gradient_clip_val,
+            gradient_clip_algorithm=self.gradient_clip_algorithm,
+            all_reduce=all_reduce_sum_ if world_size() > 1 else None,
+        )
+        if self._parked_state is not None:
+            self._stepper.load_state_dict(self._parked_state)
+            self._parked_state = None
+        log.debug("%s: built %s and %s", self._owner, type(optimizer).__name__, type(scheduler).__name__)
+        return self._stepper
+
+    def _scheduler_length(self, trainer: pl.Trainer, interval: str) -> int | None:
+        if interval == "epoch":
+            epochs = trainer.max_epochs
+            return epochs if epochs is not None and epochs > 0 else None
+        try:
+            batches = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches
+        except Exception:  # no dataloader yet, or an unsized one: the scheduler then needs explicit lengths
+            return None
+        if not math.isfinite(batches):
+            return None
+        return max(math.ceil(batches / self.accumulate_grad_batches), 1)
+
+    def _log_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        value = loss.detach()
+        if world_size() > 1 and trainer.loggers and _logs_this_step(trainer):
+            # Average across processes only on the steps a logger records, never on every step.
+            value = value.float().clone()
+            all_reduce_mean_([value])
+        pl_module.log(f"train/{self.name}_loss", value, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        names = [c.__name__ for c in type(trainer.strategy).__mro__]
+        if not any(n in _REPLICATED_STRATEGIES for n in names):
+            raise RuntimeError(
+                f"{self._owner}: the strategy {type(trainer.strategy).__name__} is not supported: probes need a full "
+                "copy of their parameters on every process. Use a single device or the DDP family "
+                "(strategy='ddp', 'ddp_spawn', 'ddp_notebook'); see docs/distributed.md."
+            )
+
+    def _exclude_from_ddp(self, pl_module: pl.LightningModule) -> None:
+        module = self.trainable_module(pl_module)
+        probe_ids = {id(p) for m in pl_module.callbacks_modules.values() for p in m.parameters()}
+        if not any(p.requires_grad and id(p) not in probe_ids for p in pl_module.parameters()):
+            # Nothing else trains: DDP refuses a module without trainable parameters, so leave the probe
+            # registered. Its gradients come from autograd.grad, which fires no DDP hook.
+            if has_uninitialized_params(module):
+                raise RuntimeError(
+                    f"{self._owner}: under DDP with a frozen main model the probe cannot be lazy. Give its input "
+                    "size (e.g. LinearProbe(num_classes, in_features=D) or nn.Linear(D, C))."
+                )
+            return
+        prefix = f"callbacks_modules.{self.name}."
+        names = [prefix + n for n, _ in module.named_parameters()] + [prefix + n for n, _ in module.named_buffers()]
+        ignored = list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
+        # torch's documented hook for parameters DDP must not reduce (DistributedDataParallel reads it on wrap).
+        pl_module._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in ignored]
+
+
+def world_size_of(trainer: pl.Trainer) -> int:
+    """The Trainer's world size (known in ``setup``, before the process group may exist)."""
+    return int(getattr(trainer, "world_size", 1) or 1)
+
+
+def _logs_this_step(trainer: pl.Trainer) -> bool:
+    connector = getattr(trainer, "_logger_connector", None)
+    should = getattr(connector, "should_update_logs", None)
+    if isinstance(should, bool):
+        return should
+    every = max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
+    return (trainer.global_step + 1) % every == 0

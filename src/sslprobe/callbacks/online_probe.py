@@ -1,0 +1,401 @@
+"""OnlineProbe: train a small model on detached features while the main model trains, and log its metrics."""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import WarningCache
+from torch import Tensor, nn
+from typing_extensions import override
+
+from sslprobe._batch import MISSING, Locator, describe, locate
+from sslprobe._build import ModuleSpec, has_uninitialized_params
+from sslprobe._distributed import all_reduce_mean_, world_size
+from sslprobe._metrics import MetricsSpec, Top1Accuracy, normalize_metrics
+from sslprobe.callbacks.base import TrainableCallback, ensure_containers
+from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
+
+__all__ = ["OnlineProbe"]
+
+warning_cache = WarningCache()
+
+_STAGE_PREFIX = {"train": "train", "val": "eval", "test": "test"}
+# Keys inside callbacks_metrics[name]: Lightning's stage names ("train" would clash with nn.Module.train).
+_STAGE_KEY = {"train": "fit", "val": "validate", "test": "test"}
+
+
+def _validate_locator(value: Any, arg: str, owner: str) -> Locator:
+    if isinstance(value, bool) or not (isinstance(value, (str, int)) or callable(value)):
+        raise TypeError(
+            f"{owner}: {arg} must be a key or dotted path (str), an index (int), or a callable (outputs, batch) -> "
+            f"Tensor, got {type(value).__name__}."
+        )
+    if isinstance(value, str) and not value:
+        raise ValueError(f"{owner}: {arg} must not be an empty string. Pass the key that holds the {arg}.")
+    return value
+
+
+def _first_param(module: nn.Module) -> Tensor | None:
+    for p in module.parameters():
+        return p
+    for b in module.buffers():
+        return b
+    return None
+
+
+def _reset(metric: nn.Module) -> None:
+    # States made under inference mode (Lightning's evaluation) could not be updated outside it later.
+    with torch.inference_mode(False):
+        metric.reset()
+
+
+class OnlineProbe(TrainableCallback):
+    """Online probe: the standard linear-evaluation number, live, while the representation trains.
+
+    After every training batch it takes the features (``input``) and labels (``target``) from the step's outputs
+    or the batch, detaches the features, converts them to the probe's dtype, and trains the probe one step with
+    its own optimizer, scheduler, accumulation and clipping (see :class:`TrainableCallback`). In validation, test
+    and predict it runs the probe in eval mode. The main model never receives a gradient from it and trains
+    bit-for-bit the same with or without it.
+
+    Where things are:
+
+    - the probe: ``module.callbacks_modules[name]``; its metrics: ``module.callbacks_metrics[name]``;
+    - predictions: ``batch[f"{name}_preds"]`` (detached), or the step's outputs dict when the batch is no dict;
+    - logs: ``train/{name}_loss`` (per step), ``train/{name}_{metric}`` (per epoch), ``eval/{name}_{metric}``
+      (per validation), ``test/{name}_{metric}`` (in ``trainer.test``).
+
+    Args:
+        module: the LightningModule to probe (``sslprobe.Module`` or any LightningModule whose steps return
+            dicts).
+        name: unique id on that module, used for storage and log names.
+        input: where the features are: a key of the step's outputs dict, else of the batch dict (outputs first); a
+            dotted path (``"views.0"``); an int index into a tuple/list batch; or ``(outputs, batch) -> Tensor``.
+        target: where the labels are, in the same forms (batch first, then outputs), e.g. ``1`` for ``(x, y)``.
+        probe: an ``nn.Module``, a callable returning one, or a Hydra-style config (``_target_``). Lazy modules
+            are supported.
+        loss_fn: the probe's loss, ``(preds, target) -> Tensor``; ``None`` is ``nn.CrossEntropyLoss()``.
+        optimizer: ``None`` (LARS, the SSL probe standard), a name, ``{"type": ..., **kwargs}``, a partial or
+            class, or an instance over this probe's parameters.
+        scheduler: ``None`` (constant), a name, a dict (may add ``"interval"``), a partial or class, or an
+            instance bound to this probe's optimizer.
+        accumulate_grad_batches: step once every N training batches, on their mean gradient.
+        gradient_clip_val: clip the probe's gradients to this value, or ``None``.
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        metrics: a ``torchmetrics.Metric``, a list/tuple of them, a dict name -> Metric, or
+            ``{"train": ..., "val": ...}``; ``None`` tracks top-1 accuracy (``top1``) with cross-entropy, nothing
+            with another loss.
+
+    Raises:
+        ValueError: for bad values, or a name already used on ``module``.
+        TypeError: for arguments of the wrong type.
+        RuntimeError: at the first batch, for missing keys, mismatched feature sizes or invalid targets.
+
+    Examples:
+        >>> import torch
+        >>> import lightning.pytorch as pl
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from sslprobe import Module
+        >>> from sslprobe.callbacks import OnlineProbe
+        >>> def forward(self, batch, stage):
+        ...     return {"embedding": self.backbone(batch[0])}
+        >>> model = Module(forward=forward, backbone=torch.nn.Linear(8, 16))
+        >>> probe = OnlineProbe(model, "linear", input="embedding", target=1, probe=torch.nn.Linear(16, 3))
+        >>> data = DataLoader(TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,))), batch_size=8)
+        >>> trainer = pl.Trainer(max_epochs=1, callbacks=[probe], logger=False, enable_checkpointing=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, data, data)
+        >>> sorted(k for k in trainer.callback_metrics if k.startswith(("train/", "eval/")))
+        ['eval/linear_top1', 'train/linear_loss', 'train/linear_top1']
+    """
+
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        name: str,
+        input: Locator,
+        target: Locator,
+        probe: ModuleSpec,
+        loss_fn: Any = None,
+        optimizer: OptimizerSpec = None,
+        scheduler: SchedulerSpec = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        metrics: MetricsSpec = None,
+    ) -> None:
+        owner = f"{type(self).__name__}(name={name!r})"
+        input = _validate_locator(input, "input", owner)
+        target = _validate_locator(target, "target", owner)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(
+                f"{owner}: loss_fn must be callable (preds, target) -> Tensor, got {type(loss_fn).__name__}."
+            )
+        loss = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+        default = {"top1": Top1Accuracy()} if isinstance(loss, nn.CrossEntropyLoss) else {}
+        splits = normalize_metrics(metrics, owner, default)
+        super().__init__(
+            module,
+            name,
+            probe,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            gradient_clip_algorithm=gradient_clip_algorithm,
+        )
+        _, callbacks_metrics = ensure_containers(module, owner)
+        callbacks_metrics[self.name] = nn.ModuleDict(
+            {_STAGE_KEY[split]: nn.ModuleDict(m) for split, m in splits.items()}
+        )
+        self.input = input
+        self.target = target
+        self.loss_fn = loss_fn
+        self.metrics = metrics
+        self._loss = loss
+        self._checked: set[str] = set()
+
+    # ------------------------------------------------------------------ the training loss
+
+    @override
+    def compute_loss(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> Tensor | None:
+        probe = self.trainable_module(pl_module)
+        features = self._features(outputs, batch)
+        target = self._target(outputs, batch, required=True)
+        preds = self._forward(probe, features, "train")
+        self._check_target(preds, target, "train")
+        loss = self._loss_on(preds.device)(preds, target)
+        detached = preds.detach()
+        self._store_preds(detached, outputs, batch)
+        for metric in self._split_metrics(pl_module, "train").values():
+            metric.update(detached, target)
+        return loss
+
+    # ------------------------------------------------------------------ evaluation hooks
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Average normalisation statistics across processes so every rank evaluates the same probe."""
+        self._sync_buffers(pl_module)
+
+    @override
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Average normalisation statistics across processes so every rank evaluates the same probe."""
+        self._sync_buffers(pl_module)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Predict, and update the eval metrics (not during the sanity check)."""
+        self._evaluate(trainer, pl_module, outputs, batch, "val")
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Predict, and update the test metrics when the batch has labels."""
+        self._evaluate(trainer, pl_module, outputs, batch, "test")
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Predict only: no target is needed."""
+        self._evaluate(trainer, pl_module, outputs, batch, "predict")
+        if isinstance(outputs, MutableMapping) and isinstance(batch, MutableMapping):
+            outputs[f"{self.name}_preds"] = batch[f"{self.name}_preds"]
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log ``train/{name}_{metric}`` for the epoch, then the base's scheduler and warnings."""
+        self._log_metrics(pl_module, "train")
+        super().on_train_epoch_end(trainer, pl_module)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log ``eval/{name}_{metric}`` over the whole validation set (all processes)."""
+        if trainer.sanity_checking:
+            for metric in self._split_metrics(pl_module, "val").values():
+                _reset(metric)
+            return
+        self._log_metrics(pl_module, "val")
+
+    @override
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log ``test/{name}_{metric}`` over the whole test set (all processes)."""
+        self._log_metrics(pl_module, "test")
+
+    # ------------------------------------------------------------------ internals
+
+    def _evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, stage: str
+    ) -> None:
+        probe = self.trainable_module(pl_module)
+        if probe.training:
+            probe.eval()
+        if stage != "predict" and has_uninitialized_params(probe):
+            warning_cache.warn(
+                f"{self._owner}: evaluating a lazy probe before any training batch; its numbers are those of an "
+                "untrained probe."
+            )
+        features = self._features(outputs, batch)
+        if has_uninitialized_params(probe):
+            # Lightning evaluates under inference mode; parameters materialised there could never be trained.
+            with torch.inference_mode(False), torch.no_grad(), self._private_rng(probe):
+                preds = self._forward(probe, features.clone(), stage)
+        else:
+            with torch.no_grad(), self._private_rng(probe):
+                preds = self._forward(probe, features, stage)
+        self._store_preds(preds, outputs, batch)
+        if stage == "predict":
+            return
+        target = self._target(outputs, batch, required=stage == "val")
+        if target is None:
+            warning_cache.warn(
+                f"{self._owner}: the test batches hold no target {self.target!r}; the probe only predicts and "
+                "test metrics are not logged."
+            )
+            return
+        self._check_target(preds, target, stage)
+        if trainer.sanity_checking:
+            return
+        for metric in self._split_metrics(pl_module, stage).values():
+            metric.update(preds, target)
+
+    def _features(self, outputs: Any, batch: Any) -> Tensor:
+        value = locate(self.input, [outputs, batch], outputs, batch)
+        if value is MISSING:
+            raise RuntimeError(
+                f"{self._owner}: input key {self.input!r} is in neither the step outputs ({describe(outputs)}) nor "
+                f"the batch ({describe(batch)}). Pass one of them as input=, or return the features from your step."
+            )
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{self._owner}: input {self.input!r} is a {type(value).__name__}, expected a Tensor.")
+        return value
+
+    def _target(self, outputs: Any, batch: Any, *, required: bool) -> Tensor | None:
+        value = locate(self.target, [batch, outputs], outputs, batch)
+        if value is MISSING or value is None:
+            if not required:
+                return None
+            raise RuntimeError(
+                f"{self._owner}: target key {self.target!r} is in neither the batch ({describe(batch)}) nor the step "
+                f"outputs ({describe(outputs)}). Pass one of them as target=."
+            )
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{self._owner}: target {self.target!r} is a {type(value).__name__}, expected a Tensor.")
+        return value
+
+    def _forward(self, probe: nn.Module, features: Tensor, stage: str) -> Tensor:
+        reference = _first_param(probe)
+        x = features.detach()
+        if reference is not None:
+            if x.is_floating_point() and x.dtype != reference.dtype:
+                x = x.to(reference.dtype)
+            if x.device != reference.device:
+                x = x.to(reference.device)
+        if stage in self._checked:
+            return probe(x)
+        expected = getattr(probe, "in_features", None)
+        if isinstance(expected, int) and expected > 0 and x.ndim >= 1 and x.shape[-1] != expected:
+            raise RuntimeError(
+                f"{self._owner}: features {self.input!r} have shape {tuple(x.shape)} but the probe expects "
+                f"{expected} input features. Build the probe with in_features={x.shape[-1]} (or leave it None to "
+                "infer it)."
+            )
+        try:
+            return probe(x)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{self._owner}: the probe failed on features {self.input!r} of shape {tuple(x.shape)} and dtype "
+                f"{x.dtype}: {err}. Check that the probe's input size matches the features."
+            ) from err
+
+    def _check_target(self, preds: Tensor, target: Tensor, stage: str) -> None:
+        if stage in self._checked:
+            return
+        self._checked.add(stage)
+        if not isinstance(self._loss, nn.CrossEntropyLoss):
+            return
+        if target.is_floating_point() and target.shape == preds.shape:
+            return  # class probabilities
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise RuntimeError(
+                f"{self._owner}: cross-entropy needs integer class indices as target, got {target.dtype} of shape "
+                f"{tuple(target.shape)}. Convert them with .long(), or pass loss_fn= for another kind of target."
+            )
+        if target.numel() == 0 or preds.ndim < 2:
+            return
+        num_classes = preds.shape[1]
+        valid = target[target != self._loss.ignore_index]
+        if valid.numel() == 0:
+            return
+        low, high = int(valid.min()), int(valid.max())  # one sync, at the first batch of each stage only
+        if low < 0 or high >= num_classes:
+            raise RuntimeError(
+                f"{self._owner}: targets must be class indices in [0, {num_classes}) for a probe with {num_classes} "
+                f"outputs, got values in [{low}, {high}]. Give the probe {max(high + 1, num_classes)} outputs or fix "
+                "the labels."
+            )
+
+    def _loss_on(self, device: torch.device) -> Any:
+        if isinstance(self._loss, nn.Module):
+            reference = _first_param(self._loss)
+            if reference is not None and reference.device != device:
+                self._loss = self._loss.to(device)
+        return self._loss
+
+    def _store_preds(self, preds: Tensor, outputs: Any, batch: Any) -> None:
+        key = f"{self.name}_preds"
+        if isinstance(batch, MutableMapping):
+            batch[key] = preds
+        elif isinstance(outputs, MutableMapping):
+            outputs[key] = preds
+
+    def _split_metrics(self, pl_module: pl.LightningModule, split: str) -> nn.ModuleDict:
+        return pl_module.callbacks_metrics[self.name][_STAGE_KEY[split]]
+
+    def _log_metrics(self, pl_module: pl.LightningModule, split: str) -> None:
+        prefix = _STAGE_PREFIX[split]
+        for name, metric in self._split_metrics(pl_module, split).items():
+            if not metric.update_called:
+                continue
+            value = metric.compute()  # torchmetrics reduces across processes here, once per epoch
+            _reset(metric)
+            pl_module.log(
+                f"{prefix}/{self.name}_{name}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                sync_dist=False,
+                prog_bar=split == "val",
+            )
+
+    def _sync_buffers(self, pl_module: pl.LightningModule) -> None:
+        if world_size() > 1:
+            probe = self.trainable_module(pl_module)
+            all_reduce_mean_([b for b in probe.buffers() if b.is_floating_point()])

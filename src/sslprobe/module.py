@@ -1,0 +1,172 @@
+"""Module: a LightningModule for dict batches, written as one ``forward(batch, stage) -> dict``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from sslprobe.optim.factories import OptimizerSpec, create_optimizer, create_scheduler, split_interval
+
+__all__ = ["Module"]
+
+_STAGES = ("fit", "validate", "test", "predict")
+_ALLOWED_INTERVALS = ("step", "epoch")
+_RESERVED = ("callbacks_modules", "callbacks_metrics", "forward", "optim")
+
+
+class Module(pl.LightningModule):
+    """A LightningModule whose steps are one function: ``forward(self, batch, stage) -> dict``.
+
+    ``stage`` is ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``. In ``"fit"`` the dict holds the main loss
+    under ``"loss"``; other keys (``"embedding"``, ...) are what probes read. With ``optim=None`` the main model is
+    not trained (a frozen backbone evaluated by probes alone): ``forward`` runs without gradients, and
+    ``trainer.global_step`` still counts training batches, so ``max_steps`` ends the run.
+
+    Probes and their metrics live in ``callbacks_modules`` and ``callbacks_metrics`` (two ``nn.ModuleDict``): part
+    of the ``state_dict``, moved with the module, never in the main optimizer.
+
+    Args:
+        forward: ``forward(self, batch, stage) -> dict``, bound to the instance; or define ``forward`` in a subclass.
+        optim: the main optimizer, in any form a probe's ``optimizer`` takes (a name, ``{"type": ..., **kwargs}``,
+            a partial or class), or ``{"optimizer": ..., "scheduler": ..., "interval": "step" | "epoch"}``;
+            ``None`` for no main training.
+        **modules: attributes; ``nn.Module`` values become registered submodules (``backbone=...``).
+
+    Raises:
+        TypeError: when there is no ``forward`` or ``optim`` has an unknown form.
+        ValueError: for a reserved attribute name or a bad interval.
+
+    Examples:
+        >>> import torch
+        >>> def forward(self, batch, stage):
+        ...     emb = self.backbone(batch["x"])
+        ...     return {"embedding": emb, "loss": emb.pow(2).mean()}
+        >>> model = Module(forward=forward, backbone=torch.nn.Linear(4, 2), optim={"type": "SGD", "lr": 0.1})
+        >>> sorted(model(dict(x=torch.randn(3, 4)), "fit"))
+        ['embedding', 'loss']
+    """
+
+    def __init__(
+        self,
+        forward: Callable[..., dict[str, Any]] | None = None,
+        optim: OptimizerSpec | Mapping[str, Any] = None,
+        **modules: Any,
+    ) -> None:
+        super().__init__()
+        if forward is None and type(self).forward is Module.forward:
+            raise TypeError(
+                "Module: there is no forward. Pass forward=fn with fn(self, batch, stage) -> dict, or subclass "
+                "Module and define forward(self, batch, stage)."
+            )
+        if forward is not None and not callable(forward):
+            raise TypeError(
+                f"Module: forward must be callable (self, batch, stage) -> dict, got {type(forward).__name__}."
+            )
+        for key in modules:
+            if key in _RESERVED:
+                raise ValueError(f"Module: {key!r} is reserved; give that attribute another name.")
+        self._optim_spec, self._scheduler_spec, self._interval = self._split_optim(optim)
+        self._forward_fn = forward
+        self.callbacks_modules = nn.ModuleDict()
+        self.callbacks_metrics = nn.ModuleDict()
+        for key, value in modules.items():
+            setattr(self, key, value)
+        self._step_anchor: Tensor | None = None
+
+    @staticmethod
+    def _split_optim(optim: Any) -> tuple[Any, Any, str]:
+        if isinstance(optim, Mapping) and "optimizer" in optim:
+            unknown = set(optim) - {"optimizer", "scheduler", "interval"}
+            if unknown:
+                raise ValueError(
+                    f"Module: unknown optim keys {sorted(unknown)}; the full form is "
+                    "{'optimizer': ..., 'scheduler': ..., 'interval': 'step' | 'epoch'}."
+                )
+            interval = optim.get("interval", "step")
+            scheduler, inner = split_interval(optim.get("scheduler"), owner="Module")
+            if isinstance(optim.get("scheduler"), Mapping) and "interval" in optim["scheduler"]:
+                interval = inner
+            if interval not in _ALLOWED_INTERVALS:
+                raise ValueError(f"Module: interval must be one of {_ALLOWED_INTERVALS}, got {interval!r}.")
+            return optim["optimizer"], scheduler, interval
+        return optim, None, "step"
+
+    @property
+    def trains_main_model(self) -> bool:
+        """Whether a main optimizer was given (``optim`` is not ``None``)."""
+        return self._optim_spec is not None
+
+    def forward(self, batch: Any, stage: str) -> dict[str, Any]:  # type: ignore[override]
+        """Run the user's ``forward(self, batch, stage)``."""
+        assert self._forward_fn is not None  # __init__ guarantees a forward, given or subclassed
+        return self._forward_fn(self, batch, stage)
+
+    def _run(self, batch: Any, stage: str) -> dict[str, Any]:
+        out = self(batch, stage)
+        if not isinstance(out, Mapping):
+            raise TypeError(
+                f"Module: forward must return a dict in stage {stage!r}, got {type(out).__name__}. Return e.g. "
+                "{'embedding': h, 'loss': loss}."
+            )
+        return dict(out)
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Run ``forward(batch, "fit")``; the dict's ``"loss"`` trains the main model when ``optim`` is set."""
+        if not self.trains_main_model:
+            with torch.no_grad():
+                out = self._run(batch, "fit")
+            return self._untrained_loss(out)
+        out = self._run(batch, "fit")
+        if out.get("loss") is None:
+            raise RuntimeError(
+                "Module: forward returned no 'loss' in stage 'fit', but optim= was given. Return {'loss': ...}, or "
+                "pass optim=None to evaluate a frozen model with probes only."
+            )
+        return out
+
+    def _untrained_loss(self, out: dict[str, Any]) -> dict[str, Any]:
+        # Lightning counts global_step in optimizer steps. Without a main optimizer, a zero-gradient step of a
+        # private scalar keeps that count (and so max_steps) in training batches, under every precision plugin.
+        assert self._step_anchor is not None
+        loss = out.get("loss")
+        value = loss.detach().float() if isinstance(loss, Tensor) and loss.numel() == 1 else 0.0
+        out["loss"] = self._step_anchor * 0.0 + value
+        return out
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Run ``forward(batch, "validate")``."""
+        return self._run(batch, "validate")
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Run ``forward(batch, "test")``."""
+        return self._run(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """Run ``forward(batch, "predict")``."""
+        return self._run(batch, "predict")
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the main model: everything but ``callbacks_modules``/``callbacks_metrics``."""
+        excluded = {id(p) for p in self.callbacks_modules.parameters()}
+        excluded |= {id(p) for p in self.callbacks_metrics.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in excluded]
+
+    def configure_optimizers(self) -> Any:
+        """Build the main optimizer (and scheduler) over :meth:`main_parameters`."""
+        if not self.trains_main_model:
+            self._step_anchor = torch.zeros((), device=self.device, requires_grad=True)
+            return torch.optim.SGD([self._step_anchor], lr=0.0)
+        optimizer = create_optimizer(self._optim_spec, self.main_parameters(), owner="Module")
+        if self._scheduler_spec is None:
+            return optimizer
+        total: float | None
+        if self._interval == "epoch":
+            total = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        else:
+            total = self.trainer.estimated_stepping_batches
+        scheduler = create_scheduler(self._scheduler_spec, optimizer, total=total, owner="Module")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self._interval}}

@@ -1,0 +1,87 @@
+"""Optimizer steps that a device-side flag can cancel, with no host sync."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from sslprobe.optim.lars import LARS
+
+__all__ = ["conditional_step"]
+
+
+@torch.no_grad()
+def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
+    """Step ``optimizer`` unless ``skip`` is non-zero, deciding on the device.
+
+    Reading a flag on the host would stall the GPU once per step; instead the step is computed and then kept or
+    discarded element-wise. Three paths, fastest first:
+
+    - :class:`~sslprobe.optim.LARS` masks its own update (``step(found_inf=...)``);
+    - fused PyTorch optimizers (``fused=True``) take ``found_inf`` as ``torch.amp.GradScaler`` passes it;
+    - any other optimizer steps on zeroed gradients, then its parameters and tensor state are restored where
+      ``skip`` is set. State that the skipped step created is reset to zeros, which is its initial value for
+      Adam-like optimizers.
+
+    Args:
+        optimizer: the optimizer to step; its parameters' ``.grad`` are set.
+        skip: 0-dim tensor on the parameters' device, non-zero to keep everything unchanged.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.Adam([w], lr=0.1)
+        >>> w.grad = torch.tensor([float("nan"), 1.0])
+        >>> conditional_step(opt, torch.tensor(1.0))
+        >>> w.data
+        tensor([1., 1.])
+        >>> w.grad = torch.ones(2)
+        >>> conditional_step(opt, torch.tensor(0.0))
+        >>> w.data
+        tensor([0.9000, 0.9000])
+    """
+    if isinstance(optimizer, LARS):
+        optimizer.step(found_inf=skip)
+        return
+    if getattr(optimizer, "_step_supports_amp_scaling", False) and _is_fused(optimizer):
+        optimizer.grad_scale = None  # type: ignore[attr-defined]  # the attributes GradScaler sets for fused steps
+        optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+        return
+    _restoring_step(optimizer, skip)
+
+
+def _is_fused(optimizer: Optimizer) -> bool:
+    return any(group.get("fused") for group in optimizer.param_groups)
+
+
+def _restoring_step(optimizer: Optimizer, skip: Tensor) -> None:
+    keep = skip == 0
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    zero = torch.zeros((), device=skip.device)
+    for p in params:
+        p.grad = torch.where(keep, p.grad, zero.to(p.grad.dtype))
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = {
+        p: {k: v.clone() for k, v in optimizer.state[p].items() if isinstance(v, Tensor)}
+        for p in params
+        if p in optimizer.state
+    }
+    optimizer.step()
+    for p, old in zip(params, saved_params):
+        p.copy_(torch.where(keep, p, old))
+    for p in params:
+        state, old_state = optimizer.state[p], saved_state.get(p, {})
+        for key, value in list(state.items()):
+            if not isinstance(value, Tensor):
+                continue
+            before = old_state.get(key)
+            # Non-fused, non-capturable Adam keeps its step count on the host: masking it costs a copy of
+            # the flag (a sync), which the fused variants that the factories pick avoid.
+            state[key] = torch.where(
+                keep.to(value.device), value, torch.zeros_like(value) if before is None else before
+            )

@@ -1,0 +1,215 @@
+"""LARS: layer-wise adaptive rate scaling.
+
+- [0] You, Gitman, Ginsburg, 2017, https://arxiv.org/abs/1708.03888
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["LARS", "lars_direction"]
+
+
+def lars_direction(
+    param: Tensor,
+    grad: Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    eta: float,
+    clip_lr: bool,
+    eps: float,
+) -> Tensor:
+    """The LARS update direction of one adapted parameter, computed without a host sync.
+
+    Where ``||p||`` and ``||g||`` are both non-zero: ``t = eta * ||p|| / (||g|| + wd * ||p|| + eps)``, with
+    ``clip_lr`` ``t = min(t / lr, 1)``, and the direction is ``(g + wd * p) * t``; elsewhere it is ``g``.
+
+    Args:
+        param: the parameter, any shape.
+        grad: its gradient, same shape.
+        lr: the learning rate (used only by ``clip_lr``).
+        weight_decay: the weight decay folded into the direction.
+        eta: the trust coefficient.
+        clip_lr: whether to cap the trust ratio at ``lr``.
+        eps: added to the denominator.
+
+    Returns:
+        The direction, same shape as ``grad``.
+
+    Examples:
+        >>> import torch
+        >>> p, g = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0])
+        >>> lars_direction(p, g, lr=1.0, weight_decay=0.0, eta=0.1, clip_lr=False, eps=0.0)
+        tensor([0.0000, 0.5000])
+    """
+    p_norm = torch.linalg.vector_norm(param)
+    g_norm = torch.linalg.vector_norm(grad)
+    trust = eta * p_norm / (g_norm + weight_decay * p_norm + eps)
+    if clip_lr:
+        trust = torch.clamp(trust / lr, max=1.0)
+    adapted = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
+    use_trust = (p_norm > 0) & (g_norm > 0)
+    return torch.where(use_trust, adapted * trust, grad)
+
+
+class LARS(Optimizer):
+    """Layer-wise adaptive rate scaling (LARS), SGD with a per-parameter trust ratio.
+
+    For a parameter ``p`` with gradient ``g`` that is adapted (every parameter, or only those with more than one
+    dimension when ``exclude_bias_n_norm``) and whose ``||p||`` and ``||g||`` are both non-zero, the trust ratio is
+    ``t = eta * ||p|| / (||g|| + weight_decay * ||p|| + eps)`` (with ``clip_lr``: ``t = min(t / lr, 1)``) and the
+    direction ``d = (g + weight_decay * p) * t``. Any other parameter uses ``d = g`` (no weight decay, no scaling).
+    Then momentum as in SGD (``buf = momentum * buf + (1 - dampening) * d``, Nesterov if asked) and
+    ``p -= lr * d``.
+
+    Every computation stays on the parameters' device: no host sync, so it can run inside a step that must not
+    stall the GPU. ``step(found_inf=...)`` takes a 0-dim tensor; where it is non-zero the step leaves the
+    parameters and the momentum buffers exactly as they were (how an online probe skips a non-finite batch).
+
+    - [0] You, Gitman, Ginsburg, 2017, https://arxiv.org/abs/1708.03888
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate, > 0.
+        momentum: momentum factor, >= 0.
+        dampening: dampening for momentum.
+        weight_decay: weight decay, >= 0, folded into the adapted direction only.
+        nesterov: use Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        eta: trust coefficient, > 0.
+        clip_lr: cap the trust ratio so that the effective rate never exceeds ``lr``.
+        exclude_bias_n_norm: do not adapt parameters with fewer than two dimensions (biases, norm scales).
+        eps: added to the trust-ratio denominator, >= 0.
+
+    Raises:
+        ValueError: for a value out of range.
+
+    Examples:
+        >>> import torch
+        >>> from sslprobe.optim import LARS
+        >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
+        >>> opt = LARS([w], lr=1.0, eta=0.1)
+        >>> w.grad = torch.tensor([[0.0, 1.0]])
+        >>> opt.step()
+        >>> w.data
+        tensor([[3.0000, 3.5000]])
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        eta: float = 1e-3,
+        clip_lr: bool = False,
+        exclude_bias_n_norm: bool = False,
+        eps: float = 1e-8,
+    ) -> None:
+        if not isinstance(lr, (int, float)) or lr <= 0:
+            raise ValueError(f"LARS: lr must be a positive number, got {lr!r}.")
+        if momentum < 0:
+            raise ValueError(f"LARS: momentum must be >= 0, got {momentum!r}.")
+        if weight_decay < 0:
+            raise ValueError(f"LARS: weight_decay must be >= 0, got {weight_decay!r}.")
+        if eta <= 0:
+            raise ValueError(f"LARS: eta must be > 0, got {eta!r}.")
+        if eps < 0:
+            raise ValueError(f"LARS: eps must be >= 0, got {eps!r}.")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(
+                f"LARS: nesterov needs momentum > 0 and dampening == 0, got momentum={momentum!r}, "
+                f"dampening={dampening!r}."
+            )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "dampening": dampening,
+            "weight_decay": weight_decay,
+            "nesterov": nesterov,
+            "eta": eta,
+            "clip_lr": clip_lr,
+            "exclude_bias_n_norm": exclude_bias_n_norm,
+            "eps": eps,
+        }
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None, *, found_inf: Tensor | None = None) -> Tensor | None:
+        """Performs one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+            found_inf: optional 0-dim tensor; where it is non-zero, nothing changes (no host sync).
+
+        Returns:
+            The closure's loss, if a closure was given.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        keep = None if found_inf is None else (found_inf == 0)
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if keep is not None:
+                    # A masked-out step may carry NaN gradients: never let them reach the state.
+                    grad = torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+                if p.ndim > 1 or not group["exclude_bias_n_norm"]:
+                    direction = lars_direction(
+                        p,
+                        grad,
+                        lr=lr,
+                        weight_decay=group["weight_decay"],
+                        eta=group["eta"],
+                        clip_lr=group["clip_lr"],
+                        eps=group["eps"],
+                    )
+                else:
+                    direction = grad
+                if momentum != 0:
+                    direction = self._momentum(p, direction, group, keep)
+                if keep is None:
+                    p.add_(direction, alpha=-lr)
+                else:
+                    p.copy_(torch.where(keep, p - lr * direction, p))
+        return loss
+
+    def _momentum(self, p: Tensor, direction: Tensor, group: dict[str, Any], keep: Tensor | None) -> Tensor:
+        momentum, dampening = group["momentum"], group["dampening"]
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        started = state.get("momentum_started")
+        if keep is None and started is None:
+            # The plain SGD path: the first step copies the direction, later ones blend it in.
+            buf = direction.clone() if buf is None else buf.mul_(momentum).add_(direction, alpha=1 - dampening)
+        else:
+            # A step that may be masked out on the device: a skipped first step must leave the buffer
+            # "not started", so the next real step still copies the direction as SGD would.
+            if buf is None:
+                buf = torch.zeros_like(direction)
+                started = torch.zeros((), dtype=torch.bool, device=direction.device)
+            elif started is None:
+                started = torch.ones((), dtype=torch.bool, device=direction.device)
+            blended = buf.mul(momentum).add_(direction, alpha=1 - dampening)
+            candidate = torch.where(started, blended, direction)
+            if keep is None:
+                buf, started = candidate, torch.ones_like(started)
+            else:
+                # torch.where keeps both branches bit-exact; arithmetic masks would round.
+                buf = torch.where(keep, candidate, buf)
+                started = started | keep
+            state["momentum_started"] = started
+        state["momentum_buffer"] = buf
+        return direction.add(buf, alpha=momentum) if group["nesterov"] else buf

@@ -1,0 +1,196 @@
+"""A probe's own training step: gradients, accumulation, loss scaling, clipping and a skippable update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from sslprobe.optim.conditional_step import conditional_step
+
+__all__ = ["Stepper"]
+
+_ALLOWED_CLIP = ("norm", "value")
+_INIT_SCALE = 2.0**16
+_GROWTH_INTERVAL = 2000
+
+
+class Stepper:
+    """Trains a set of parameters on losses handed to it, one batch at a time, without a host sync.
+
+    Each :meth:`backward` takes the gradient of one batch's loss with ``torch.autograd.grad`` (nothing is written
+    to ``.grad``, so another optimizer over the same parameters never sees it), checks it for non-finite values on
+    the device, and adds it to the running sum of the window. Every ``accumulate_grad_batches`` batches
+    :meth:`backward` steps once on the mean gradient of the window's finite batches (summed across processes by
+    ``all_reduce`` first, when given), after clipping; a window with no finite batch changes nothing. Non-finite
+    batches are counted in :attr:`skipped`. Parameters in float16 get their own dynamic loss scale.
+
+    Args:
+        params: the parameters to train.
+        optimizer: their optimizer.
+        scheduler: its LR scheduler, or ``None``.
+        interval: when the scheduler steps: after every optimizer ``"step"`` or at every ``"epoch"`` end.
+        accumulate_grad_batches: batches per optimizer step.
+        gradient_clip_val: clip threshold, or ``None``.
+        gradient_clip_algorithm: ``"norm"`` (total L2 norm) or ``"value"`` (element-wise).
+        all_reduce: sums a list of tensors in place across processes, or ``None`` on one process.
+
+    Examples:
+        >>> import torch
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> stepper = Stepper(list(lin.parameters()), torch.optim.SGD(lin.parameters(), lr=0.1))
+        >>> before = lin.weight.detach().clone()
+        >>> stepper.backward(lin(torch.ones(4, 2)).pow(2).mean())
+        True
+        >>> bool((lin.weight != before).all()), stepper.steps
+        (True, 1)
+        >>> stepper.backward(lin(torch.full((4, 2), float("nan"))).mean())
+        True
+        >>> int(stepper.skipped), stepper.steps
+        (1, 2)
+    """
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        optimizer: Optimizer,
+        scheduler: Any = None,
+        interval: Literal["step", "epoch"] = "step",
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        all_reduce: Callable[[list[Tensor]], None] | None = None,
+    ) -> None:
+        if gradient_clip_algorithm not in _ALLOWED_CLIP:
+            raise ValueError(f"Stepper: gradient_clip_algorithm must be one of {_ALLOWED_CLIP}.")
+        self.params = list(params)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.interval = interval
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.all_reduce = all_reduce
+        device = self.params[0].device
+        self._scaling = any(p.dtype == torch.float16 for p in self.params)
+        self._scale = torch.tensor(_INIT_SCALE if self._scaling else 1.0, device=device)
+        self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._good = torch.zeros((), dtype=torch.float32, device=device)
+        self._sums: list[Tensor] | None = None
+        self.last_found: Tensor | None = None  # 1.0 when the latest batch was not finite
+        self.batches = 0  # batches in the current window
+        self.steps = 0  # optimizer steps taken
+
+    @property
+    def skipped(self) -> Tensor:
+        """Number of non-finite batches skipped so far (a device tensor: reading it syncs)."""
+        return self._skipped
+
+    @property
+    def direct(self) -> bool:
+        """True when each batch steps at once on its own gradient (no window, no collective)."""
+        return self.accumulate_grad_batches == 1 and self.all_reduce is None
+
+    def backward(self, loss: Tensor) -> bool:
+        """Add one batch's gradient of ``loss``; step when the window is full. Returns True if it stepped."""
+        found = (~torch.isfinite(loss.detach())).to(torch.float32)
+        scaled = loss * self._scale if self._scaling else loss
+        grads = list(torch.autograd.grad(scaled, self.params, allow_unused=True))
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        # One fused pass: flags any NaN/Inf gradient in `found` and divides by the loss scale.
+        inv_scale = self._scale.reciprocal() if self._scaling else self._scale
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
+        if self._scaling:
+            torch._amp_update_scale_(self._scale, self._growth_tracker, found, 2.0, 0.5, _GROWTH_INTERVAL)
+        self._skipped += found.to(torch.int64)
+        self.last_found = found
+        self.batches += 1
+        full = self.batches >= self.accumulate_grad_batches
+        if self.direct:
+            self._step(grads, found)
+            return True
+        keep = found == 0
+        if self._sums is None:
+            self._sums = [torch.zeros_like(g) for g in grads]
+        for total, g in zip(self._sums, grads):
+            total.add_(torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device)))
+        self._good += 1.0 - found
+        if not full:
+            return False
+        sums, good = self._sums, self._good
+        if self.all_reduce is not None:
+            # One collective carries every gradient sum and the count of finite batches behind them.
+            self.all_reduce([*sums, good])
+        grads = torch._foreach_div(sums, good.clamp(min=1.0))
+        self._step(grads, (good == 0).to(torch.float32))
+        for total in sums:
+            total.zero_()
+        good.zero_()
+        return True
+
+    def _step(self, grads: list[Tensor], skip: Tensor) -> None:
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        if self.gradient_clip_val is not None:
+            if self.gradient_clip_algorithm == "norm":
+                torch.nn.utils.clip_grad_norm_(self.params, self.gradient_clip_val, foreach=True)
+            else:
+                torch.nn.utils.clip_grad_value_(self.params, self.gradient_clip_val, foreach=True)
+        conditional_step(self.optimizer, skip)
+        for p in self.params:
+            p.grad = None
+        self.batches = 0
+        self.steps += 1
+        if self.scheduler is not None and self.interval == "step":
+            self.scheduler.step()
+
+    def epoch_end(self) -> None:
+        """Step an epoch-interval scheduler."""
+        if self.scheduler is not None and self.interval == "epoch":
+            self.scheduler.step()
+
+    def to(self, device: torch.device) -> None:
+        """Move the stepper's tensors and the optimizer's state to ``device``."""
+        for name in ("_scale", "_growth_tracker", "_skipped", "_good"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self._sums is not None:
+            self._sums = [t.to(device) for t in self._sums]
+        # Non-fused, non-capturable Adam keeps its step count on the host; everything else follows the params.
+        host_steps = not any(g.get("fused") or g.get("capturable") for g in self.optimizer.param_groups)
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, Tensor) and not (key == "step" and host_steps and value.device.type == "cpu"):
+                    state[key] = value.to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: optimizer, scheduler, partial window, counters, loss scale."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "accumulated": None if self._sums is None else [t.detach().clone() for t in self._sums],
+            "good": self._good.clone(),
+            "batches": self.batches,
+            "steps": self.steps,
+            "skipped": self._skipped.clone(),
+            "scale": self._scale.clone(),
+            "growth_tracker": self._growth_tracker.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state written by :meth:`state_dict`."""
+        device = self.params[0].device
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        accumulated = state.get("accumulated")
+        self._sums = None if accumulated is None else [t.to(device) for t in accumulated]
+        self._good = state["good"].to(device)
+        self.batches = int(state["batches"])
+        self.steps = int(state["steps"])
+        self._skipped = state["skipped"].to(device)
+        self._scale = state["scale"].to(device)
+        self._growth_tracker = state["growth_tracker"].to(device)
