@@ -19,7 +19,7 @@ def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
     discarded element-wise. Three paths, fastest first:
 
     - :class:`~sslprobe.optim.LARS` masks its own update (``step(found_inf=...)``);
-    - fused PyTorch optimizers (``fused=True``) take ``found_inf`` as ``torch.amp.GradScaler`` passes it;
+    - fused Adam and AdamW (``fused=True``) take ``found_inf`` as ``torch.amp.GradScaler`` passes it;
     - any other optimizer steps on zeroed gradients, then its parameters and tensor state are restored where
       ``skip`` is set. State that the skipped step created is reset to zeros, which is its initial value for
       Adam-like optimizers.
@@ -44,7 +44,8 @@ def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
     if isinstance(optimizer, LARS):
         optimizer.step(found_inf=skip)
         return
-    if getattr(optimizer, "_step_supports_amp_scaling", False) and _is_fused(optimizer):
+    # Fused SGD is left out on purpose: a skipped first step leaves its momentum buffer uninitialised.
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and _is_fused(optimizer):
         optimizer.grad_scale = None  # type: ignore[attr-defined]  # the attributes GradScaler sets for fused steps
         optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
         try:

@@ -39,8 +39,10 @@ DEFAULT_PROBE_LARS: dict[str, Any] = {
 }
 _FALLBACK_LR = 0.1
 _ALLOWED_INTERVALS = ("step", "epoch")
-# Keyword arguments that pick an implementation; when the user names none, a fused kernel is chosen.
+# Keyword arguments that pick an implementation; when the user names none, Adam(W) get their fused kernel,
+# which skips a non-finite step on the device (see conditional_step).
 _IMPLEMENTATION_KWARGS = ("fused", "foreach", "capturable", "differentiable")
+_FUSED_BY_DEFAULT = (torch.optim.Adam, torch.optim.AdamW)
 
 
 def optimizer_classes() -> dict[str, type[Optimizer]]:
@@ -146,7 +148,7 @@ def _build_optimizer(cls: type[Optimizer], params: list[nn.Parameter], kwargs: d
             kwargs["lr"] = _FALLBACK_LR
         # Fused kernels take a device-side skip flag, so a non-finite batch is skipped without a host sync.
         fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-        if fusable and _accepts(cls, "fused") and not any(key in kwargs for key in _IMPLEMENTATION_KWARGS):
+        if fusable and issubclass(cls, _FUSED_BY_DEFAULT) and not any(k in kwargs for k in _IMPLEMENTATION_KWARGS):
             kwargs["fused"] = True
         weight_decay = kwargs.get("weight_decay", _signature_default(cls, "weight_decay")) or 0.0
         groups = _weight_decay_groups(params, weight_decay) if weight_decay else [{"params": params}]
@@ -163,8 +165,8 @@ def create_optimizer(spec: OptimizerSpec, params: Iterable[nn.Parameter], *, own
     weight_decay=0``); a name (``"AdamW"``, ``"SGD"``, ``"LARS"``; case-insensitive; the class's own defaults,
     ``lr=0.1`` where it has none); a dict ``{"type": name, **kwargs}``; an optimizer class; a callable or
     ``functools.partial`` taking the parameter list; an optimizer instance already built over these parameters.
-    Frozen parameters are left out. Built-in optimizers get ``fused=True`` where they support it and no
-    implementation was chosen; with ``weight_decay > 0``, biases and other 1-D tensors get no weight decay.
+    Frozen parameters are left out. Adam and AdamW get ``fused=True`` when no implementation was chosen; with
+    ``weight_decay > 0``, biases and other 1-D tensors get no weight decay.
 
     Args:
         spec: the optimizer, in one of the forms above.

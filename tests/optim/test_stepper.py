@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sslprobe.optim.stepper import Stepper
+
+
+def linear():
+    torch.manual_seed(0)
+    return nn.Linear(3, 2)
+
+
+def test_accumulation_steps_on_mean_of_finite_batches():
+    a, b = linear(), linear()
+    stepper = Stepper(list(a.parameters()), torch.optim.SGD(a.parameters(), lr=0.5), accumulate_grad_batches=3)
+    xs = [torch.randn(4, 3) for _ in range(3)]
+    stepped = [stepper.backward(a(x).pow(2).mean()) for x in (xs[0], torch.full((4, 3), math.nan), xs[1])]
+    assert stepped == [False, False, True]
+    assert int(stepper.skipped) == 1
+    # reference: the mean gradient of the two finite batches
+    grads = [torch.autograd.grad(b(x).pow(2).mean(), list(b.parameters())) for x in xs[:2]]
+    with torch.no_grad():
+        for i, p in enumerate(b.parameters()):
+            p -= 0.5 * (grads[0][i] + grads[1][i]) / 2
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_window_without_finite_batch_changes_nothing():
+    a = linear()
+    before = [p.detach().clone() for p in a.parameters()]
+    opt = torch.optim.SGD(a.parameters(), lr=0.5, momentum=0.9, weight_decay=0.1)
+    stepper = Stepper(list(a.parameters()), opt, accumulate_grad_batches=2)
+    for _ in range(2):
+        stepper.backward(a(torch.full((4, 3), math.inf)).sum())
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert stepper.steps == 1 and int(stepper.skipped) == 2
+    assert all(p.grad is None for p in a.parameters())
+
+
+def test_float16_parameters_get_their_own_loss_scale():
+    a = linear().half()
+    stepper = Stepper(list(a.parameters()), torch.optim.SGD(a.parameters(), lr=0.1))
+    assert float(stepper.state_dict()["scale"]) == 2.0**16
+    big = torch.full((4, 3), 1000.0, dtype=torch.float16)
+    before = [p.detach().clone() for p in a.parameters()]
+    stepper.backward(a(big).float().pow(2).mean())  # scaled gradient overflows fp16: skipped, scale backs off
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert float(stepper.state_dict()["scale"]) == 2.0**15
+    small = torch.randn(4, 3, dtype=torch.float16) * 0.01
+    stepper.backward(a(small).float().pow(2).mean())
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+
+
+class GradSpy(torch.optim.SGD):
+    """Records the gradients it is asked to step on."""
+
+    def __init__(self, params, **kw):
+        params = list(params)
+        super().__init__(params, **kw)
+        self.seen = []
+
+    def step(self, closure=None):
+        self.seen.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
+        return super().step(closure)
+
+
+@pytest.mark.parametrize(("algorithm", "value"), [("norm", 1e-3), ("value", 1e-4)])
+def test_clipping_by_norm_and_value(algorithm, value):
+    a = linear()
+    opt = GradSpy(a.parameters(), lr=0.1)
+    stepper = Stepper(list(a.parameters()), opt, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+    stepper.backward(a(torch.randn(4, 3)).pow(2).sum())
+    grad = opt.seen[0]
+    if algorithm == "norm":
+        assert grad.norm().item() == pytest.approx(value, rel=1e-3)
+    else:
+        assert grad.abs().max().item() == pytest.approx(value)
+
+
+def test_state_dict_round_trip_keeps_the_partial_window():
+    a, b = linear(), linear()
+    s1 = Stepper(list(a.parameters()), torch.optim.Adam(a.parameters(), lr=0.1), accumulate_grad_batches=4)
+    s2 = Stepper(list(b.parameters()), torch.optim.Adam(b.parameters(), lr=0.1), accumulate_grad_batches=4)
+    xs = [torch.randn(4, 3) for _ in range(6)]
+    for x in xs[:2]:
+        s1.backward(a(x).sum())
+    s2.load_state_dict(s1.state_dict())
+    b.load_state_dict(a.state_dict())
+    for x in xs[2:]:
+        s1.backward(a(x).sum())
+        s2.backward(b(x).sum())
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    assert s1.steps == s2.steps == 1 and s1.batches == s2.batches == 2
