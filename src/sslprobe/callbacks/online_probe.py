@@ -257,7 +257,7 @@ class OnlineProbe(TrainableCallback):
         probe = self.trainable_module(pl_module)
         if probe.training:
             probe.eval()
-        if stage != "predict" and has_uninitialized_params(probe):
+        if stage != "predict" and not trainer.sanity_checking and has_uninitialized_params(probe):
             warning_cache.warn(
                 f"{self._owner}: evaluating a lazy probe before any training batch; its numbers are those of an "
                 "untrained probe."
