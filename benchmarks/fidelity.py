@@ -1,0 +1,136 @@
+"""Fidelity: do the online probes report what an offline evaluation of the same features says?
+
+Setup (the one the anchors measured for the reference implementation): scikit-learn digits, a frozen random
+ReLU layer 64 -> 256 (seed 0) as the "representation", 70/30 stratified split (random_state=0), batch 64.
+Offline references: scikit-learn LogisticRegression(C=10, max_iter=5000) on the raw features (0.9796), and
+KNeighborsClassifier with the kNN probe's k, cosine metric and exp(sim / T) weights.
+
+Usage: python benchmarks/fidelity.py [--epochs 20] [--seeds 0 1 2] [--only linear,sweep,knn,lars-linear]
+Prints each probe's final eval top-1, the offline number and the gap, per seed and on average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from sslprobe import Module
+from sslprobe.callbacks import OnlineProbe
+from sslprobe.probes import LinearProbe
+
+try:
+    from sslprobe.callbacks import OnlineKNN, ProbeSweep
+except ImportError:  # before they exist
+    OnlineKNN = ProbeSweep = None
+
+
+class Digits(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def data():
+    x, y = load_digits(return_X_y=True)
+    x = x / 16.0
+    return train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+
+
+def frozen_backbone():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(64, 256), nn.ReLU())
+    return backbone.requires_grad_(False)
+
+
+def features(backbone, x):
+    with torch.no_grad():
+        return backbone(torch.tensor(x, dtype=torch.float32)).numpy()
+
+
+def forward(self, batch, stage):
+    return {"embedding": self.backbone(batch["image"])}
+
+
+def knn_reference(f_tr, y_tr, f_te, y_te, k, temperature):
+    def weights(distances):
+        # cosine distance = 1 - similarity; vote weight exp(similarity / T)
+        return np.exp((1.0 - distances) / temperature)
+
+    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights=weights, algorithm="brute")
+    return clf.fit(f_tr, y_tr).score(f_te, y_te)
+
+
+def run(seed, epochs, only):
+    x_tr, x_te, y_tr, y_te = data()
+    backbone = frozen_backbone()
+    f_tr, f_te = features(backbone, x_tr), features(backbone, x_te)
+    offline = LogisticRegression(max_iter=5000, C=10.0).fit(f_tr, y_tr).score(f_te, y_te)
+    pl.seed_everything(seed, verbose=False)
+    model = Module(forward=forward, backbone=backbone)
+    callbacks = {}
+    if "linear" in only:
+        callbacks["linear"] = OnlineProbe(model, "linear", "embedding", "label", probe=LinearProbe(10))
+    if "plain-linear" in only:
+        callbacks["plain-linear"] = OnlineProbe(model, "plain_linear", "embedding", "label", probe=nn.Linear(256, 10))
+    if "sweep" in only and ProbeSweep is not None:
+        callbacks["sweep"] = ProbeSweep(model, "sweep", "embedding", "label", num_classes=10)
+    if "knn" in only and OnlineKNN is not None:
+        callbacks["knn"] = OnlineKNN(model, "knn", "embedding", "label", k=20, temperature=0.07)
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks.values()),
+    )
+    train = DataLoader(Digits(x_tr, y_tr), batch_size=64, shuffle=True)
+    test = DataLoader(Digits(x_te, y_te), batch_size=256)
+    start = time.perf_counter()
+    trainer.fit(model, train, test)
+    seconds = time.perf_counter() - start
+    results = {}
+    for key, cb in callbacks.items():
+        online = float(trainer.callback_metrics[f"eval/{cb.name}_top1"])
+        reference = knn_reference(f_tr, y_tr, f_te, y_te, 20, 0.07) if key == "knn" else offline
+        results[key] = (online, reference)
+    return results, seconds
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", default="linear,plain-linear,sweep,knn")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    only = args.only.split(",")
+    table = {}
+    for seed in args.seeds:
+        results, seconds = run(seed, args.epochs, only)
+        for key, (online, reference) in results.items():
+            table.setdefault(key, []).append((online, reference))
+            print(f"seed {seed} {key:13s} online {online:.4f}  offline {reference:.4f}  gap {reference - online:+.4f}"
+                  f"  ({seconds:.1f} s for all probes)")
+    print(f"\n# digits, frozen random ReLU 64->256, {args.epochs} epochs, batch 64, seeds {args.seeds}")
+    for key, rows in table.items():
+        online = statistics.mean(r[0] for r in rows)
+        reference = statistics.mean(r[1] for r in rows)
+        print(f"{key:13s} online {online:.4f}  offline {reference:.4f}  gap {reference - online:+.4f} points*100")
+
+
+if __name__ == "__main__":
+    main()
