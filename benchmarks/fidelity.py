@@ -27,13 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sslprobe import Module
-from sslprobe.callbacks import OnlineProbe
+from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep
 from sslprobe.probes import LinearProbe
-
-try:
-    from sslprobe.callbacks import OnlineKNN, ProbeSweep
-except ImportError:  # before they exist
-    OnlineKNN = ProbeSweep = None
 
 
 class Digits(Dataset):
@@ -89,13 +84,20 @@ def run(seed, epochs, only):
         callbacks["linear"] = OnlineProbe(model, "linear", "embedding", "label", probe=LinearProbe(10))
     if "plain-linear" in only:
         callbacks["plain-linear"] = OnlineProbe(model, "plain_linear", "embedding", "label", probe=nn.Linear(256, 10))
-    if "sweep" in only and ProbeSweep is not None:
+    if "sweep" in only:
         callbacks["sweep"] = ProbeSweep(model, "sweep", "embedding", "label", num_classes=10)
-    if "knn" in only and OnlineKNN is not None:
+    if "knn" in only:
         callbacks["knn"] = OnlineKNN(model, "knn", "embedding", "label", k=20, temperature=0.07)
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks.values()),
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=list(callbacks.values()),
     )
     train = DataLoader(Digits(x_tr, y_tr), batch_size=64, shuffle=True)
     test = DataLoader(Digits(x_te, y_te), batch_size=256)
@@ -123,13 +125,15 @@ def main():
         results, seconds = run(seed, args.epochs, only)
         for key, (online, reference) in results.items():
             table.setdefault(key, []).append((online, reference))
-            print(f"seed {seed} {key:13s} online {online:.4f}  offline {reference:.4f}  gap {reference - online:+.4f}"
-                  f"  ({seconds:.1f} s for all probes)")
+            print(
+                f"seed {seed} {key:13s} online {online:.4f}  offline {reference:.4f}  gap {reference - online:+.4f}"
+                f"  ({seconds:.1f} s for all probes)"
+            )
     print(f"\n# digits, frozen random ReLU 64->256, {args.epochs} epochs, batch 64, seeds {args.seeds}")
     for key, rows in table.items():
         online = statistics.mean(r[0] for r in rows)
         reference = statistics.mean(r[1] for r in rows)
-        print(f"{key:13s} online {online:.4f}  offline {reference:.4f}  gap {reference - online:+.4f} points*100")
+        print(f"{key:13s} online {online:.4f}  offline {reference:.4f}  gap {100 * (reference - online):+.2f} points")
 
 
 if __name__ == "__main__":

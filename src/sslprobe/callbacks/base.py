@@ -202,6 +202,10 @@ class TrainableCallback(Callback):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss().")
 
+    def logged_loss(self, loss: Tensor) -> Tensor:
+        """The value logged as ``train/{name}_loss`` for the loss :meth:`compute_loss` returned (default: itself)."""
+        return loss
+
     # ------------------------------------------------------------------ accessors
 
     @property
@@ -333,9 +337,7 @@ class TrainableCallback(Callback):
         if same and all(map(operator.is_, params, current.params)):
             return current
         optimizer = create_optimizer(self.optimizer, params, owner=self._owner)
-        spec, interval = split_interval(self.scheduler, owner=self._owner)
-        total = self._scheduler_length(trainer, interval)
-        scheduler = create_scheduler(spec, optimizer, total=total, owner=self._owner)
+        scheduler, interval = self._build_scheduler(trainer, optimizer)
         self._stepper = Stepper(
             params,
             optimizer,
@@ -352,6 +354,11 @@ class TrainableCallback(Callback):
         log.debug("%s: built %s and %s", self._owner, type(optimizer).__name__, type(scheduler).__name__)
         return self._stepper
 
+    def _build_scheduler(self, trainer: pl.Trainer, optimizer: Optimizer) -> tuple[Any, str]:
+        spec, interval = split_interval(self.scheduler, owner=self._owner)
+        total = self._scheduler_length(trainer, interval)
+        return create_scheduler(spec, optimizer, total=total, owner=self._owner), interval
+
     def _scheduler_length(self, trainer: pl.Trainer, interval: str) -> int | None:
         if interval == "epoch":
             epochs = trainer.max_epochs
@@ -365,7 +372,7 @@ class TrainableCallback(Callback):
         return max(math.ceil(batches / self.accumulate_grad_batches), 1)
 
     def _log_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        value = loss.detach()
+        value = self.logged_loss(loss).detach()
         if world_size() > 1 and trainer.loggers and _logs_this_step(trainer):
             # Average across processes only on the steps a logger records, never on every step.
             value = value.float().clone()

@@ -41,8 +41,8 @@ def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
         >>> w.data
         tensor([0.9000, 0.9000])
     """
-    if isinstance(optimizer, LARS):
-        optimizer.step(found_inf=skip)
+    if isinstance(optimizer, LARS) or getattr(optimizer, "_accepts_found_inf", False):
+        optimizer.step(found_inf=skip)  # type: ignore[call-arg]  # our own optimizers mask on the device
         return
     # Fused SGD is left out on purpose: a skipped first step leaves its momentum buffer uninitialised.
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and _is_fused(optimizer):

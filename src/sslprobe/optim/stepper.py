@@ -74,6 +74,10 @@ class Stepper:
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.all_reduce = all_reduce
+        # ConstantLR(factor=1.0), the default, changes nothing: skip its per-step Python work.
+        self._steps_scheduler = scheduler is not None and not (
+            isinstance(scheduler, torch.optim.lr_scheduler.ConstantLR) and scheduler.factor == 1.0
+        )
         device = self.params[0].device
         self._scaling = any(p.dtype == torch.float16 for p in self.params)
         self._scale = torch.tensor(_INIT_SCALE if self._scaling else 1.0, device=device)
@@ -145,12 +149,12 @@ class Stepper:
             p.grad = None
         self.batches = 0
         self.steps += 1
-        if self.scheduler is not None and self.interval == "step":
+        if self._steps_scheduler and self.interval == "step":
             self.scheduler.step()
 
     def epoch_end(self) -> None:
         """Step an epoch-interval scheduler."""
-        if self.scheduler is not None and self.interval == "epoch":
+        if self._steps_scheduler and self.interval == "epoch":
             self.scheduler.step()
 
     def to(self, device: torch.device) -> None:

@@ -1,0 +1,293 @@
+"""ProbeSweep: a bank of linear probes over a learning-rate x weight-decay grid, trained as one computation."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric
+from typing_extensions import override
+
+from sslprobe._batch import Locator
+from sslprobe._metrics import MetricsSpec, normalize_metrics
+from sslprobe.callbacks.base import ensure_containers
+from sslprobe.callbacks.online_probe import _STAGE_KEY, _STAGE_PREFIX, OnlineProbe, _reset
+from sslprobe.optim.sweep_optimizer import SweepOptimizer
+from sslprobe.probes.linear_bank import LinearHeadBank
+
+__all__ = ["ProbeSweep"]
+
+_ALLOWED_KINDS = ("AdamW", "SGD", "LARS")
+# Default grids: eight learning rates around each optimizer's usual value, with and without weight decay.
+_DEFAULT_LRS = {
+    "AdamW": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "SGD": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0),
+    "LARS": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0),
+}
+_DEFAULT_WEIGHT_DECAYS = (0.0, 5e-4)
+
+
+class HeadsTop1(Metric):
+    """Top-1 accuracy of every head at once: logits ``(H, B, C)``, targets ``(B,)``; ``compute()`` is ``(H,)``."""
+
+    full_state_update = False
+    higher_is_better = True
+    correct: Tensor
+    total: Tensor
+
+    def __init__(self, num_heads: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.zeros(num_heads, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        self.correct += (logits.argmax(dim=-1) == target).sum(dim=-1)
+        self.total += target.numel()
+
+    def compute(self) -> Tensor:
+        return self.correct.float() / self.total.clamp(min=1)
+
+
+class PerHead(nn.Module):
+    """``H`` copies of a user metric, updated from logits ``(H, B, C)``; ``compute()`` stacks them to ``(H,)``."""
+
+    def __init__(self, metric: Metric, num_heads: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(copy.deepcopy(metric) for _ in range(num_heads))
+        self.higher_is_better = getattr(metric, "higher_is_better", True)
+
+    @property
+    def update_called(self) -> bool:
+        return self.heads[0].update_called
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        for head, head_logits in zip(self.heads, logits):
+            head.update(head_logits, target)
+
+    def compute(self) -> Tensor:
+        return torch.stack([head.compute().float().reshape(()) for head in self.heads])
+
+    def reset(self) -> None:
+        for head in self.heads:
+            head.reset()
+
+
+def _label(value: float) -> str:
+    return f"{value:g}"
+
+
+class ProbeSweep(OnlineProbe):
+    """A hyper-parameter sweep of linear probes, trained together for about the cost of one.
+
+    Each head of a :class:`~sslprobe.probes.linear_bank.LinearHeadBank` is a :class:`~sslprobe.probes.LinearProbe`
+    with its own learning rate and weight decay from the grid ``lrs x weight_decays``. The bank runs as one
+    batched matmul, one loss and one :class:`~sslprobe.optim.sweep_optimizer.SweepOptimizer` step, so a 16-head
+    sweep costs about what one probe does. At every validation the best head (highest first eval metric; lowest
+    when the metric says lower is better) is reported under the probe's usual names, as DINOv2's linear evaluation
+    does:
+
+    - ``train/{name}_loss`` (per step, the best head), ``train/{name}_{metric}`` (per epoch, the best head);
+    - ``eval/{name}_{metric}``, ``test/{name}_{metric}`` (the best head), ``eval/{name}_best_lr``,
+      ``eval/{name}_best_wd``;
+    - every head: ``eval/{name}_lr{lr}_wd{wd}_{metric}`` and, per epoch, ``train/{name}_lr{lr}_wd{wd}_loss``.
+
+    Args:
+        module: the LightningModule to probe.
+        name: unique id on that module.
+        input: where the features are (as for :class:`OnlineProbe`).
+        target: where the integer labels are.
+        num_classes: number of classes.
+        lrs: learning rates of the grid; default eight values around the optimizer's usual one.
+        weight_decays: weight decays of the grid; default ``(0, 5e-4)``.
+        optimizer: ``"AdamW"`` (default), ``"SGD"`` or ``"LARS"``, or ``{"type": ..., **shared_kwargs}``
+            (``momentum``, ``betas``, ``eps``, ``eta``, ``clip_lr``).
+        metrics: as for :class:`OnlineProbe`; each metric is tracked for every head. ``None`` tracks top-1
+            accuracy (``top1``) for all heads in one vectorised update.
+
+    Raises:
+        ValueError: for an empty grid, a non-positive learning rate or an unknown optimizer.
+
+    Examples:
+        >>> import torch
+        >>> from sslprobe import Module
+        >>> model = Module(forward=lambda self, b, stage: {"h": self.net(b[0])}, net=torch.nn.Linear(4, 8))
+        >>> sweep = ProbeSweep(model, "sweep", "h", 1, num_classes=3, lrs=[0.01, 0.1], weight_decays=[0.0])
+        >>> sweep.head_labels
+        ['lr0.01_wd0', 'lr0.1_wd0']
+    """
+
+    def __init__(
+        self,
+        module: pl.LightningModule,
+        name: str,
+        input: Locator,
+        target: Locator,
+        num_classes: int,
+        lrs: Sequence[float] | None = None,
+        weight_decays: Sequence[float] | None = None,
+        optimizer: str | Mapping[str, Any] | None = None,
+        metrics: MetricsSpec = None,
+    ) -> None:
+        owner = f"{type(self).__name__}(name={name!r})"
+        kind, shared = self._parse_optimizer(optimizer, owner)
+        lrs = list(_DEFAULT_LRS[kind] if lrs is None else lrs)
+        weight_decays = list(_DEFAULT_WEIGHT_DECAYS if weight_decays is None else weight_decays)
+        if not lrs or not weight_decays:
+            raise ValueError(f"{owner}: lrs and weight_decays must each hold at least one value.")
+        if any(lr <= 0 for lr in lrs) or any(wd < 0 for wd in weight_decays):
+            raise ValueError(f"{owner}: learning rates must be > 0 and weight decays >= 0, got {lrs}, {weight_decays}.")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"{owner}: num_classes must be a positive int, got {num_classes!r}.")
+        grid = [(lr, wd) for lr in lrs for wd in weight_decays]
+        num_heads = len(grid)
+
+        def build_optimizer(params: list[nn.Parameter]) -> SweepOptimizer:
+            weights = [p for p in params if p.ndim == 3]
+            biases = [p for p in params if p.ndim != 3]
+            groups = [{"params": weights}, {"params": biases, "decay": False}]
+            return SweepOptimizer(
+                [g for g in groups if g["params"]],
+                lrs=[lr for lr, _ in grid],
+                weight_decays=[wd for _, wd in grid],
+                kind=kind,
+                **shared,
+            )
+
+        self.lrs, self.weight_decays, self.num_classes = lrs, weight_decays, num_classes
+        self.grid = grid
+        self.head_labels = [f"lr{_label(lr)}_wd{_label(wd)}" for lr, wd in grid]
+        self._sweep_metrics = metrics
+        self._best = 0
+        super().__init__(
+            module,
+            name,
+            input,
+            target,
+            probe=LinearHeadBank(num_heads, num_classes),
+            optimizer=build_optimizer,
+            metrics=metrics,
+        )
+        self.optimizer_kind, self.optimizer_kwargs = kind, shared
+        _, callbacks_metrics = ensure_containers(module, owner)
+        splits = normalize_metrics(metrics, owner)
+        callbacks_metrics[self.name] = nn.ModuleDict(
+            {
+                _STAGE_KEY[split]: nn.ModuleDict(
+                    {"top1": HeadsTop1(num_heads)}
+                    if metrics is None
+                    else {key: PerHead(metric, num_heads) for key, metric in named.items()}
+                )
+                for split, named in splits.items()
+            }
+        )
+        self._head_loss_sum: Tensor | None = None
+        self._head_loss_count = 0
+        self._last_head_losses: Tensor | None = None
+
+    @staticmethod
+    def _parse_optimizer(optimizer: Any, owner: str) -> tuple[str, dict[str, Any]]:
+        if optimizer is None:
+            return "AdamW", {}
+        if isinstance(optimizer, str):
+            kind, shared = optimizer, {}
+        elif isinstance(optimizer, Mapping):
+            shared = dict(optimizer)
+            kind = shared.pop("type", "AdamW")
+        else:
+            raise TypeError(f"{owner}: optimizer must be None, a name or a dict, got {type(optimizer).__name__}.")
+        matches = [k for k in _ALLOWED_KINDS if k.lower() == str(kind).lower()]
+        if not matches:
+            raise ValueError(f"{owner}: optimizer must be one of {_ALLOWED_KINDS}, got {kind!r}.")
+        return matches[0], shared
+
+    @override
+    def _build_scheduler(self, trainer: pl.Trainer, optimizer: Any) -> tuple[Any, str]:
+        return None, "step"  # each head keeps its own constant learning rate: that is the sweep
+
+    @property
+    def best_head(self) -> int:
+        """Index of the head reported under the probe's own names (chosen at the latest validation)."""
+        return self._best
+
+    @override
+    def compute_loss(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> Tensor | None:
+        bank = self.trainable_module(pl_module)
+        features = self._features(outputs, batch)
+        target = self._target(outputs, batch, required=True)
+        logits = self._forward(bank, features, "train")  # (H, B, C)
+        self._check_target(logits[0], target, "train")
+        h, b, c = logits.shape
+        per_head = F.cross_entropy(logits.reshape(h * b, c), target.repeat(h), reduction="none").view(h, b).mean(1)
+        detached = per_head.detach()
+        self._last_head_losses = detached
+        self._head_loss_sum = detached.clone() if self._head_loss_sum is None else self._head_loss_sum + detached
+        self._head_loss_count += 1
+        preds = logits.detach()
+        self._store_preds(preds[self._best], outputs, batch)
+        for metric in self._split_metrics(pl_module, "train").values():
+            metric.update(preds, target)
+        # The sum of the heads' losses gives every head exactly its own gradient.
+        return per_head.sum()
+
+    @override
+    def logged_loss(self, loss: Tensor) -> Tensor:
+        assert self._last_head_losses is not None
+        return self._last_head_losses[self._best]
+
+    @override
+    def _store_preds(self, preds: Tensor, outputs: Any, batch: Any) -> None:
+        if preds.ndim == 3:  # eval path hands over every head
+            preds = preds[self._best]
+        super()._store_preds(preds, outputs, batch)
+
+    @override
+    def _check_target(self, preds: Tensor, target: Tensor, stage: str) -> None:
+        super()._check_target(preds[0] if preds.ndim == 3 else preds, target, stage)
+
+    @override
+    def _log_metrics(self, pl_module: pl.LightningModule, split: str) -> None:
+        prefix = _STAGE_PREFIX[split]
+        computed: dict[str, Tensor] = {}
+        for key, metric in self._split_metrics(pl_module, split).items():
+            if metric.update_called:
+                computed[key] = metric.compute()  # (H,), reduced across processes
+                _reset(metric)
+        if split == "val" and computed:
+            first_key = next(iter(computed))
+            first = self._split_metrics(pl_module, split)[first_key]
+            values = computed[first_key]
+            self._best = int(values.argmax() if getattr(first, "higher_is_better", True) else values.argmin())
+            lr, wd = self.grid[self._best]
+            pl_module.log(f"eval/{self.name}_best_lr", float(lr), on_step=False, on_epoch=True)
+            pl_module.log(f"eval/{self.name}_best_wd", float(wd), on_step=False, on_epoch=True)
+        for key, values in computed.items():
+            pl_module.log(
+                f"{prefix}/{self.name}_{key}", values[self._best], on_step=False, on_epoch=True, prog_bar=split == "val"
+            )
+            if split != "train":
+                for label, value in zip(self.head_labels, values):
+                    pl_module.log(f"{prefix}/{self.name}_{label}_{key}", value, on_step=False, on_epoch=True)
+        if split == "train" and self._head_loss_sum is not None:
+            means = self._head_loss_sum / max(self._head_loss_count, 1)
+            for label, value in zip(self.head_labels, means):
+                pl_module.log(f"train/{self.name}_{label}_loss", value, on_step=False, on_epoch=True)
+            self._head_loss_sum, self._head_loss_count = None, 0
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["best_head"] = self._best
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        self._best = int(state.pop("best_head", 0))
+        super().load_state_dict(state)

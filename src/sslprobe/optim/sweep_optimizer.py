@@ -1,0 +1,160 @@
+"""SweepOptimizer: one optimizer step for a bank of heads, each with its own learning rate and weight decay."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["SweepOptimizer"]
+
+_ALLOWED_KINDS = ("AdamW", "SGD", "LARS")
+
+
+class SweepOptimizer(Optimizer):
+    """AdamW, SGD or LARS over parameters whose first dimension indexes heads, with per-head ``lr``/``weight_decay``.
+
+    A bank of ``H`` linear heads stored as one ``(H, D, C)`` weight trains in a handful of kernels instead of ``H``
+    optimizer calls. Every hyper-parameter but the learning rate and weight decay is shared; those two are
+    vectors of length ``H`` and act on each head exactly as a separate optimizer with that value would. Weight
+    decay applies only to groups with ``decay=True`` (the weights, not the biases). LARS computes one trust ratio
+    per head. ``step(found_inf=...)`` skips the step on the device, leaving parameters and state unchanged.
+
+    Args:
+        params: parameters (or groups; a group may set ``decay=False``), each of shape ``(H, ...)``.
+        lrs: learning rates, shape ``(H,)``.
+        weight_decays: weight decays, shape ``(H,)``.
+        kind: ``"AdamW"``, ``"SGD"`` or ``"LARS"``.
+        momentum: SGD/LARS momentum.
+        betas: AdamW betas.
+        eps: AdamW epsilon, or LARS trust-ratio epsilon.
+        eta: LARS trust coefficient.
+        clip_lr: LARS: cap the trust ratio at the head's learning rate.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(2, 3))
+        >>> opt = SweepOptimizer([w], lrs=[0.1, 1.0], weight_decays=[0.0, 0.0], kind="SGD", momentum=0.0)
+        >>> w.grad = torch.ones(2, 3)
+        >>> opt.step()
+        >>> w.data
+        tensor([[0.9000, 0.9000, 0.9000],
+                [0.0000, 0.0000, 0.0000]])
+    """
+
+    _accepts_found_inf = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lrs: Sequence[float] | Tensor,
+        weight_decays: Sequence[float] | Tensor,
+        kind: Literal["AdamW", "SGD", "LARS"] = "AdamW",
+        momentum: float = 0.9,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        eta: float = 0.02,
+        clip_lr: bool = True,
+    ) -> None:
+        if kind not in _ALLOWED_KINDS:
+            raise ValueError(f"SweepOptimizer: kind must be one of {_ALLOWED_KINDS}, got {kind!r}.")
+        lrs = torch.as_tensor(lrs, dtype=torch.float32).flatten()
+        weight_decays = torch.as_tensor(weight_decays, dtype=torch.float32).flatten()
+        if lrs.shape != weight_decays.shape or lrs.numel() == 0:
+            raise ValueError(
+                f"SweepOptimizer: lrs and weight_decays must have one value per head, got {lrs.numel()} and "
+                f"{weight_decays.numel()}."
+            )
+        if (lrs <= 0).any() or (weight_decays < 0).any():
+            raise ValueError("SweepOptimizer: learning rates must be > 0 and weight decays >= 0.")
+        defaults = {
+            "lrs": lrs,
+            "weight_decays": weight_decays,
+            "kind": kind,
+            "momentum": momentum,
+            "betas": betas,
+            "eps": eps,
+            "eta": eta,
+            "clip_lr": clip_lr,
+            "decay": True,
+        }
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.shape[0] != lrs.numel():
+                    raise ValueError(
+                        f"SweepOptimizer: every parameter's first dimension must index the {lrs.numel()} heads, "
+                        f"got shape {tuple(p.shape)}."
+                    )
+
+    @torch.no_grad()
+    def step(self, closure: Any = None, *, found_inf: Tensor | None = None) -> Any:
+        """One step for every head; with ``found_inf`` non-zero, nothing changes (decided on the device)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._update(p, group, found_inf)
+        return loss
+
+    def _update(self, p: Tensor, group: dict[str, Any], found_inf: Tensor | None) -> None:
+        view = (-1,) + (1,) * (p.ndim - 1)
+        lr = group["lrs"].to(p.device).view(view)
+        wd = group["weight_decays"].to(p.device).view(view) if group["decay"] else None
+        keep = None if found_inf is None else (found_inf == 0)
+        grad = p.grad if keep is None else torch.where(keep, p.grad, torch.zeros((), device=p.device, dtype=p.dtype))
+        state = self.state[p]
+        kind = group["kind"]
+        if kind == "AdamW":
+            if not state:
+                state["step"] = torch.zeros((), device=p.device)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            beta1, beta2 = group["betas"]
+            step = state["step"] + (1.0 if keep is None else keep.float())
+            exp_avg = state["exp_avg"].mul(beta1).add_(grad, alpha=1 - beta1)
+            exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
+            update = exp_avg / (1 - beta1**step) / denom
+            new_p = p * (1 - lr * wd) - lr * update if wd is not None else p - lr * update
+            updates = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+        else:
+            direction = grad
+            if kind == "LARS" and p.ndim > 1:
+                p_norm = p.flatten(1).norm(dim=1).view(view)
+                g_norm = grad.flatten(1).norm(dim=1).view(view)
+                wd_ = wd if wd is not None else torch.zeros_like(lr)
+                trust = group["eta"] * p_norm / (g_norm + wd_ * p_norm + group["eps"])
+                if group["clip_lr"]:
+                    trust = torch.clamp(trust / lr, max=1.0)
+                adapted = (grad + wd_ * p) * trust
+                direction = torch.where((p_norm > 0) & (g_norm > 0), adapted, grad)
+            elif kind == "SGD" and wd is not None:
+                direction = grad + wd * p
+            updates = {}
+            if group["momentum"]:
+                buf = state.get("momentum_buffer")
+                started = state.get("momentum_started", torch.zeros((), dtype=torch.bool, device=p.device))
+                blended = direction if buf is None else buf * group["momentum"] + direction
+                candidate = torch.where(started, blended, direction)
+                direction = candidate
+                updates = {
+                    "momentum_buffer": candidate,
+                    "momentum_started": started | (True if keep is None else keep),
+                }
+            new_p = p - lr * direction
+        if keep is None:
+            p.copy_(new_p)
+            state.update(updates)
+            return
+        p.copy_(torch.where(keep, new_p, p))
+        for key, value in updates.items():
+            old = state.get(key)
+            state[key] = value if old is None else torch.where(keep, value, old)

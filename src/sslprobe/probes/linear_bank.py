@@ -1,0 +1,66 @@
+"""LinearHeadBank: many linear heads over the same normalised features, computed as one batched matmul."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parameter import UninitializedParameter
+
+__all__ = ["LinearHeadBank"]
+
+
+class LinearHeadBank(nn.modules.lazy.LazyModuleMixin, nn.Module):
+    """``num_heads`` linear classifiers on the same features: ``(B, D) -> (H, B, C)`` in one ``baddbmm``.
+
+    Features are normalised once (``BatchNorm1d(affine=False)``, shared by all heads, as in
+    :class:`~sslprobe.probes.LinearProbe`). Weights are one ``(H, D, C)`` tensor starting at zero, so the heads
+    differ only by how they are trained (a hyper-parameter sweep). ``in_features=None`` infers ``D`` lazily.
+
+    Args:
+        num_heads: number of heads ``H``.
+        num_classes: outputs per head ``C``.
+        in_features: feature size ``D``, or ``None``.
+        norm: normalise the features.
+
+    Examples:
+        >>> import torch
+        >>> LinearHeadBank(num_heads=4, num_classes=3, in_features=8)(torch.randn(5, 8)).shape
+        torch.Size([4, 5, 3])
+    """
+
+    cls_to_become = None
+
+    def __init__(self, num_heads: int, num_classes: int, in_features: int | None = None, norm: bool = True) -> None:
+        super().__init__()
+        if num_heads < 1 or num_classes < 1:
+            raise ValueError(f"LinearHeadBank: num_heads and num_classes must be >= 1, got {num_heads}, {num_classes}.")
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.out_features = num_classes
+        if in_features is None:
+            self.norm: nn.Module = nn.LazyBatchNorm1d(eps=1e-6, affine=False) if norm else nn.Identity()
+            self.weight = UninitializedParameter()
+        else:
+            self.norm = nn.BatchNorm1d(in_features, eps=1e-6, affine=False) if norm else nn.Identity()
+            self.weight = nn.Parameter(torch.zeros(num_heads, in_features, num_classes))
+        self.bias = nn.Parameter(torch.zeros(num_heads, num_classes))
+
+    @property
+    def in_features(self) -> int | None:
+        """The feature size, once known."""
+        return None if isinstance(self.weight, UninitializedParameter) else self.weight.shape[1]
+
+    def initialize_parameters(self, features: Tensor) -> None:  # type: ignore[override]
+        """Create the zero weights for features of size ``features.shape[-1]`` (the lazy-module hook)."""
+        if self.has_uninitialized_params():
+            with torch.no_grad():
+                self.weight.materialize((self.num_heads, features.shape[-1], self.num_classes))
+                self.weight.zero_()
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Logits ``(H, B, C)`` of features ``(B, D)``."""
+        if features.ndim > 2:
+            features = features.flatten(1)
+        x = self.norm(features)  # (B, D)
+        h, (b, d) = self.num_heads, x.shape
+        return torch.baddbmm(self.bias.unsqueeze(1), x.unsqueeze(0).expand(h, b, d), self.weight)  # (H, B, C)
