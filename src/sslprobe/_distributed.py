@@ -33,6 +33,7 @@ def _unflat_(flat: Tensor, tensors: list[Tensor]) -> None:
         offset += n
 
 
+@torch.no_grad()
 def all_reduce_sum_(tensors: list[Tensor]) -> None:
     """Sum ``tensors`` (same dtype and device) over all processes, in place, in one collective."""
     if world_size() == 1 or not tensors:
@@ -42,6 +43,7 @@ def all_reduce_sum_(tensors: list[Tensor]) -> None:
     _unflat_(flat, tensors)
 
 
+@torch.no_grad()
 def all_reduce_mean_(tensors: list[Tensor]) -> None:
     """Average floating ``tensors`` over all processes, in place, in one collective per dtype."""
     n = world_size()
@@ -57,6 +59,7 @@ def all_reduce_mean_(tensors: list[Tensor]) -> None:
             t.div_(n)
 
 
+@torch.no_grad()
 def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
     """Copy rank ``src``'s ``tensors`` to every process, in place."""
     if world_size() == 1:
@@ -70,6 +73,7 @@ def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
         _unflat_(flat, group)
 
 
+@torch.no_grad()
 def all_gather_cat(tensor: Tensor) -> Tensor:
     """Concatenate every process's ``tensor`` along dim 0 (sizes may differ between processes), rank order."""
     n = world_size()

@@ -1,0 +1,55 @@
+"""Data and module shared by the DDP worker and the single-process references of the DDP tests."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from sslprobe import Module
+from tests.conftest import DictDataset, make_xy
+
+NUM_CLASSES = 3
+
+
+def forward(self, batch, stage):
+    emb = self.backbone(batch["x"])
+    out = {"embedding": emb}
+    if stage == "fit" and self.trains_main_model:
+        out["loss"] = emb.pow(2).mean()
+    return out
+
+
+def build_module(trainable: bool) -> Module:
+    """A backbone whose features do not change during training: lr 0 when trainable, or no optimizer at all."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+    return Module(forward=forward, backbone=backbone, optim={"type": "SGD", "lr": 0.0} if trainable else None)
+
+
+def loader(n: int, batch_size: int, seed: int = 0) -> DataLoader:
+    x, y = make_xy(n, seed)
+    return DataLoader(DictDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class ShardedData(pl.LightningDataModule):
+    """Train and val sets sharded in order (rank r takes samples r, r + W, ...), so that global batch i holds the
+    same samples as batch i of a single process with a W times larger batch."""
+
+    def __init__(self, n_train: int = 48, n_val: int = 24, batch_size: int = 4) -> None:
+        super().__init__()
+        self.n_train, self.n_val, self.batch_size = n_train, n_val, batch_size
+
+    def _loader(self, n: int, seed: int) -> DataLoader:
+        x, y = make_xy(n, seed)
+        dataset = DictDataset(x, y)
+        sampler = DistributedSampler(dataset, shuffle=False) if dist.is_initialized() else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.n_train, 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.n_val, 1)

@@ -1,0 +1,181 @@
+"""Runs probes under Lightning DDP (2 CPU processes, gloo, or GPUs with --accelerator gpu) and records facts.
+
+Launched by tests/distributed/test_ddp.py as a script (Lightning's "ddp" strategy re-runs this file for the
+other ranks). Usage: python ddp_worker.py SCENARIO OUT_FILE [--accelerator cpu|gpu] [--ckpt PATH]
+Rank 0 saves a dict of results with torch.save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+warnings.filterwarnings("ignore")
+
+from sslprobe import Module  # noqa: E402
+from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep  # noqa: E402
+from tests.distributed.common import NUM_CLASSES, ShardedData, build_module  # noqa: E402
+
+COUNTS = {"collectives": 0}
+
+
+def _counting(fn):
+    def wrapper(*args, **kwargs):
+        COUNTS["collectives"] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+for _name in ("all_reduce", "all_gather", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor"):
+    setattr(dist, _name, _counting(getattr(dist, _name)))
+
+
+class Before(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.start = COUNTS["collectives"]
+
+
+class After(Callback):
+    """Placed after the probes: counts their collectives, then checks every rank holds the same probe weights."""
+
+    def __init__(self, before: Before) -> None:
+        self.before, self.per_step, self.max_diff = before, [], 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.per_step.append(COUNTS["collectives"] - self.before.start)
+        flat = torch.cat([p.detach().flatten().float() for p in pl_module.callbacks_modules.parameters()])
+        gathered = [torch.zeros_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat)
+        self.max_diff = max(self.max_diff, max(float((g - gathered[0]).abs().max()) for g in gathered))
+
+
+def trainer(accelerator, callbacks, **kw):
+    args = {
+        "accelerator": accelerator,
+        "devices": 2,
+        "strategy": "ddp",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "use_distributed_sampler": False,  # ShardedData shards in order, so one process can replay it
+        "callbacks": callbacks,
+    }
+    args.update(kw)
+    return pl.Trainer(**args)
+
+
+def weights(model):
+    return {k: v.detach().cpu().clone() for k, v in model.callbacks_modules.state_dict().items()}
+
+
+def scenario_train(args):
+    """Probes of every kind under DDP: sync after each step, collective counts, metrics, kNN bank."""
+    model = build_module(trainable=True)
+    probe = OnlineProbe(
+        model,
+        "linear",
+        "embedding",
+        "label",
+        probe=nn.Linear(16, NUM_CLASSES),
+        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.05,
+    )
+    bn_probe = OnlineProbe(model, "bn", "embedding", "label", probe=nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 3)))
+    sweep = ProbeSweep(
+        model, "sweep", "embedding", "label", num_classes=NUM_CLASSES, lrs=[0.01, 0.1], weight_decays=[0.0]
+    )
+    knn = OnlineKNN(model, "knn", "embedding", "label", k=5, temperature=0.1)
+    before = Before()
+    after = After(before)
+    t = trainer(
+        args.accelerator,
+        [before, probe, bn_probe, sweep, knn, after],
+        max_epochs=2,
+        log_every_n_steps=3,
+        logger=pl.loggers.CSVLogger(args.out.parent / "logs", name="ddp"),
+    )
+    t.fit(model, datamodule=ShardedData())
+    return {
+        "weights": weights(model),
+        "max_diff": after.max_diff,
+        "per_step": after.per_step,
+        "steps": probe.stepper.steps,
+        "metrics": {k: float(v) for k, v in t.callback_metrics.items()},
+        "knn_bank_rows": int(knn._features.shape[0]) if knn._features is not None else 0,
+        "knn_bank_size": knn.bank_size,
+        "world_size": t.world_size,
+    }
+
+
+def scenario_checkpoint(args):
+    """Write a checkpoint after one epoch on 2 processes (resumed on 1 by the test), or resume one."""
+    model = build_module(trainable=True)
+    probe = OnlineProbe(
+        model,
+        "linear",
+        "embedding",
+        "label",
+        probe=nn.Linear(16, NUM_CLASSES),
+        accumulate_grad_batches=4,
+        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
+    )
+    if args.ckpt:
+        t = trainer(args.accelerator, [probe], max_epochs=3)
+        t.fit(model, datamodule=ShardedData(), ckpt_path=args.ckpt)
+    else:
+        ckpt = ModelCheckpoint(dirpath=args.out.parent, filename="ddp", save_last=False)
+        t = trainer(args.accelerator, [probe, ckpt], max_epochs=1, enable_checkpointing=True)
+        t.fit(model, datamodule=ShardedData())
+    return {"weights": weights(model), "steps": probe.stepper.steps, "batches": probe.stepper.batches}
+
+
+def scenario_frozen(args):
+    """A frozen main model (optim=None) under DDP: the probes are the only trainable parameters."""
+    model = build_module(trainable=False)
+    probe = OnlineProbe(
+        model, "linear", "embedding", "label", probe=nn.Linear(16, NUM_CLASSES), optimizer={"type": "SGD", "lr": 0.1}
+    )
+    before = Before()
+    after = After(before)
+    t = trainer(args.accelerator, [before, probe, after], max_steps=6)
+    t.fit(model, datamodule=ShardedData())
+    return {
+        "weights": weights(model),
+        "max_diff": after.max_diff,
+        "steps": probe.stepper.steps,
+        "global_step": t.global_step,
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("scenario")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--accelerator", default="cpu")
+    ap.add_argument("--ckpt", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    result = {"train": scenario_train, "checkpoint": scenario_checkpoint, "frozen": scenario_frozen}[args.scenario](
+        args
+    )
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
+        torch.save(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Probes under Lightning DDP with 2 CPU processes (gloo), against single-process references."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from sslprobe.callbacks import OnlineProbe
+from sslprobe.probes.knn import knn_predict
+from tests.conftest import make_trainer, make_xy
+from tests.distributed.common import NUM_CLASSES, build_module, loader
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ACCELERATOR = os.environ.get("SSLPROBE_TEST_ACCELERATOR", "cpu")
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or (ACCELERATOR == "gpu" and torch.cuda.device_count() < 2),
+    reason="needs torch.distributed (and 2 GPUs for the GPU variant)",
+)
+
+
+def run_worker(scenario: str, out: Path, *extra: str) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(WORKER), scenario, str(out), "--accelerator", ACCELERATOR, *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=WORKER.parents[2])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    return run_worker("train", tmp_path_factory.mktemp("ddp") / "train.pt")
+
+
+def test_every_rank_holds_identical_probes_after_every_step(trained):
+    assert trained["world_size"] == 2
+    assert len(trained["per_step"]) == 12
+    assert trained["max_diff"] == 0.0
+
+
+def test_no_collective_per_step_beyond_the_gradient_all_reduce(trained):
+    # Per step: one gradient all-reduce per probe that steps (bn and sweep every batch, linear every 2nd), one
+    # reduction per probe's logged loss on the steps the logger records (every 3rd), and at the first step the
+    # broadcast of the lazily built sweep bank (float and integer tensors). Nothing else.
+    expected = [2 + (i % 2) + (3 if (i + 1) % 3 == 0 else 0) + (2 if i == 0 else 0) for i in range(12)]
+    assert trained["per_step"] == expected
+
+
+def test_eval_metrics_cover_the_whole_validation_set(trained):
+    probe = nn.Linear(16, NUM_CLASSES)
+    probe.load_state_dict({k.split(".", 1)[1]: v for k, v in trained["weights"].items() if k.startswith("linear.")})
+    model = build_module(trainable=True)
+    x_va, y_va = make_xy(24, seed=1)
+    x_tr, y_tr = make_xy(48)
+    with torch.no_grad():
+        accuracy = (probe(model.backbone(x_va)).argmax(1) == y_va).float().mean().item()
+        knn = knn_predict(model.backbone(x_va), model.backbone(x_tr), y_tr, NUM_CLASSES, k=5, temperature=0.1)
+    assert trained["metrics"]["eval/linear_top1"] == pytest.approx(accuracy)
+    # the kNN bank held both processes' features: the whole training set
+    assert trained["knn_bank_size"] == 24
+    assert trained["metrics"]["eval/knn_top1"] == pytest.approx((knn.argmax(1) == y_va).float().mean().item())
+
+
+def test_accumulation_and_clipping_match_one_process_with_the_same_total_batch(trained):
+    model = build_module(trainable=True)
+    probe = OnlineProbe(
+        model,
+        "linear",
+        "embedding",
+        "label",
+        probe=nn.Linear(16, NUM_CLASSES),
+        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.05,
+    )
+    make_trainer(max_epochs=2, callbacks=[probe]).fit(model, loader(48, batch_size=8))
+    for key, value in model.callbacks_modules["linear"].state_dict().items():
+        torch.testing.assert_close(trained["weights"][f"linear.{key}"], value, rtol=1e-5, atol=1e-6)
+    assert trained["steps"] == probe.stepper.steps == 6
+
+
+def test_sweep_and_knn_and_all_probes_logged(trained):
+    metrics = trained["metrics"]
+    assert {"eval/sweep_top1", "eval/bn_top1", "train/sweep_loss", "eval/knn_top1"} <= set(metrics)
+
+
+def test_checkpoint_from_two_processes_resumes_on_one_and_back(tmp_path):
+    written = run_worker("checkpoint", tmp_path / "two.pt")
+    assert written["batches"] == 2  # 6 global batches per epoch, accumulate 4: a half-full window is saved
+    ckpt = tmp_path / "ddp.ckpt"
+    assert ckpt.exists()
+    model = build_module(trainable=True)
+    probe = OnlineProbe(
+        model,
+        "linear",
+        "embedding",
+        "label",
+        probe=nn.Linear(16, NUM_CLASSES),
+        accumulate_grad_batches=4,
+        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
+    )
+    make_trainer(max_epochs=2, callbacks=[probe]).fit(model, loader(48, batch_size=8), ckpt_path=str(ckpt))
+    assert probe.stepper.steps == 3 and probe.stepper.batches == 0  # 1 + (2 + 6) // 4 more steps
+
+    one = tmp_path / "one"
+    model = build_module(trainable=True)
+    probe = OnlineProbe(
+        model,
+        "linear",
+        "embedding",
+        "label",
+        probe=nn.Linear(16, NUM_CLASSES),
+        accumulate_grad_batches=4,
+        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
+    )
+    saver = ModelCheckpoint(dirpath=one, filename="one")
+    make_trainer(max_epochs=1, callbacks=[probe, saver], enable_checkpointing=True).fit(model, loader(48, batch_size=8))
+    resumed = run_worker("checkpoint", tmp_path / "resumed.pt", "--ckpt", str(one / "one.ckpt"))
+    assert resumed["steps"] == 1 + (2 + 12) // 4 and resumed["batches"] == (2 + 12) % 4
+
+
+def test_frozen_main_model_under_ddp(tmp_path):
+    result = run_worker("frozen", tmp_path / "frozen.pt")
+    assert result["global_step"] == 6 and result["steps"] == 6
+    assert result["max_diff"] == 0.0
