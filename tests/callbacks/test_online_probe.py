@@ -749,17 +749,23 @@ def test_duplicate_name_is_an_error():
         OnlineProbe(model, "linear", "embedding", "label", probe=linear_probe())
 
 
-def test_unsupported_strategy_error():
-    class FSDPStrategy:  # stands in for a sharding strategy, which needs GPUs to construct
-        pass
-
+@pytest.mark.parametrize("strategy", ["DeepSpeedStrategy", "ModelParallelStrategy", "FSDPStrategy"])
+def test_unsupported_or_misconfigured_strategy_errors(strategy):
+    # Stand-ins: the real sharding strategies need GPUs to construct. Only the class name is read.
+    fake = type(strategy, (), {"kwargs": {}})()
     model = make_module()
     probe = OnlineProbe(model, "linear", "embedding", "label", probe=linear_probe())
-    trainer = types.SimpleNamespace(strategy=FSDPStrategy(), world_size=2)
-    with pytest.raises(
-        RuntimeError, match=r"OnlineProbe\(name='linear'\): the strategy FSDPStrategy is not supported.*'ddp'"
-    ):
+    trainer = types.SimpleNamespace(strategy=fake, world_size=2)
+    match = (
+        "FSDPStrategy\\(ignored_modules=\\[model.callbacks_modules\\]"
+        if strategy == "FSDPStrategy"
+        else "is not supported"
+    )
+    with pytest.raises(RuntimeError, match=r"OnlineProbe\(name='linear'\): .*" + match):
         probe.setup(trainer, model, "fit")
+    if strategy == "FSDPStrategy":
+        fake.kwargs = {"ignored_modules": [model.callbacks_modules]}
+        probe.setup(trainer, model, "fit")  # accepted: the probes stay whole on every process
 
 
 # ---------------------------------------------------------------------------------------------- pytorch_lightning

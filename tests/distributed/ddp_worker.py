@@ -22,7 +22,6 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 warnings.filterwarnings("ignore")
 
-from sslprobe import Module  # noqa: E402
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep  # noqa: E402
 from tests.distributed.common import NUM_CLASSES, ShardedData, build_module  # noqa: E402
 

@@ -238,15 +238,18 @@ class TrainableCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the strategy and the module; keep the probe out of DDP's gradient reduction."""
-        self._check_strategy(trainer)
-        self.trainable_module(pl_module)
-        if stage == "fit" and world_size_of(trainer) > 1:
+        module = self.trainable_module(pl_module)
+        kind = self._check_strategy(trainer, pl_module, module)
+        if stage == "fit" and kind == "ddp" and world_size_of(trainer) > 1:
             self._exclude_from_ddp(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Start every process from rank 0's module (DDP no longer broadcasts it)."""
         module = self.trainable_module(pl_module)
+        if _strategy_names(trainer) & {"FSDPStrategy"}:
+            # FSDP does not move the modules it ignores; the probe follows the root device itself.
+            module.to(trainer.strategy.root_device)
         if world_size() > 1 and not has_uninitialized_params(module):
             broadcast_([*module.parameters(), *module.buffers()])
 
@@ -379,14 +382,25 @@ class TrainableCallback(Callback):
             all_reduce_mean_([value])
         pl_module.log(f"train/{self.name}_loss", value, on_step=True, on_epoch=False, sync_dist=False)
 
-    def _check_strategy(self, trainer: pl.Trainer) -> None:
-        names = [c.__name__ for c in type(trainer.strategy).__mro__]
-        if not any(n in _REPLICATED_STRATEGIES for n in names):
+    def _check_strategy(self, trainer: pl.Trainer, pl_module: nn.Module, module: nn.Module) -> str:
+        names = _strategy_names(trainer)
+        if names & set(_REPLICATED_STRATEGIES):
+            return "ddp" if "DDPStrategy" in names else "single"
+        if "FSDPStrategy" in names:
+            kwargs = getattr(trainer.strategy, "kwargs", {}) or {}
+            ignored = list(kwargs.get("ignored_modules") or []) + list(kwargs.get("ignored_states") or [])
+            containers = (pl_module.callbacks_modules, module)
+            if any(any(item is c for c in containers) for item in ignored):
+                return "fsdp"
             raise RuntimeError(
-                f"{self._owner}: the strategy {type(trainer.strategy).__name__} is not supported: probes need a full "
-                "copy of their parameters on every process. Use a single device or the DDP family "
-                "(strategy='ddp', 'ddp_spawn', 'ddp_notebook'); see docs/distributed.md."
+                f"{self._owner}: under FSDP the probes must stay whole on every process, not sharded. Create the "
+                "strategy with FSDPStrategy(ignored_modules=[model.callbacks_modules], ...); see docs/distributed.md."
             )
+        raise RuntimeError(
+            f"{self._owner}: the strategy {type(trainer.strategy).__name__} is not supported: probes need a full copy "
+            "of their parameters on every process. Use a single device, the DDP family (strategy='ddp', "
+            "'ddp_spawn', 'ddp_notebook') or FSDP with ignored_modules; see docs/distributed.md."
+        )
 
     def _exclude_from_ddp(self, pl_module: pl.LightningModule) -> None:
         module = self.trainable_module(pl_module)
@@ -405,6 +419,11 @@ class TrainableCallback(Callback):
         ignored = list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
         # torch's documented hook for parameters DDP must not reduce (DistributedDataParallel reads it on wrap).
         pl_module._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in ignored]
+
+
+def _strategy_names(trainer: pl.Trainer) -> set[str]:
+    # Class names, not isinstance: the standalone pytorch_lightning package has its own strategy classes.
+    return {c.__name__ for c in type(trainer.strategy).__mro__}
 
 
 def world_size_of(trainer: pl.Trainer) -> int:
