@@ -211,7 +211,11 @@ class TrainableCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        # Lightning reads this for every hook of every step (profiler labels): build the string once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(name=self.name)
+        return key
 
     @property
     def stepper(self) -> Stepper | None:
@@ -280,7 +284,8 @@ class TrainableCallback(Callback):
             return
         if was_lazy and world_size() > 1:
             broadcast_([*module.parameters(), *module.buffers()])
-        stepper = self._ensure_stepper(trainer, module)
+        # Parameters are checked against the module at on_train_start; per step only a lazy first build remains.
+        stepper = self._stepper if self._stepper is not None else self._ensure_stepper(trainer, module)
         stepper.backward(loss)
         if buffers and stepper.last_found is not None:
             keep = stepper.last_found == 0
@@ -375,9 +380,14 @@ class TrainableCallback(Callback):
         return max(math.ceil(batches / self.accumulate_grad_batches), 1)
 
     def _log_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # A Lightning log call costs about a millisecond of Python; a per-step value only ever reaches the
+        # logger on its log_every_n_steps cadence. So the loss is logged on exactly those steps (and the last
+        # step of each epoch, so callback_metrics holds a fresh value), averaged across processes only then.
+        logger_step = _logs_this_step(trainer)
+        if not (logger_step or _last_step_of_epoch(trainer)):
+            return
         value = self.logged_loss(loss).detach()
-        if world_size() > 1 and trainer.loggers and _logs_this_step(trainer):
-            # Average across processes only on the steps a logger records, never on every step.
+        if world_size() > 1 and trainer.loggers and logger_step:
             value = value.float().clone()
             all_reduce_mean_([value])
         pl_module.log(f"train/{self.name}_loss", value, on_step=True, on_epoch=False, sync_dist=False)
@@ -429,6 +439,13 @@ def _strategy_names(trainer: pl.Trainer) -> set[str]:
 def world_size_of(trainer: pl.Trainer) -> int:
     """The Trainer's world size (known in ``setup``, before the process group may exist)."""
     return int(getattr(trainer, "world_size", 1) or 1)
+
+
+def _last_step_of_epoch(trainer: pl.Trainer) -> bool:
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
+        return True
+    return 0 < trainer.max_steps <= trainer.global_step
 
 
 def _logs_this_step(trainer: pl.Trainer) -> bool:

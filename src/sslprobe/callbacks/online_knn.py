@@ -102,7 +102,11 @@ class OnlineKNN(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
+        # Lightning reads this for every hook of every step (profiler labels): build the string once.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(name=self.name)
+        return key
 
     @property
     def bank_size(self) -> int:

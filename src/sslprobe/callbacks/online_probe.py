@@ -156,6 +156,7 @@ class OnlineProbe(TrainableCallback):
         self.loss_fn = loss_fn
         self.metrics = metrics
         self._loss = loss
+        self._loss_device: torch.device | None = None
         self._checked: set[str] = set()
 
     # ------------------------------------------------------------------ the training loss
@@ -363,10 +364,11 @@ class OnlineProbe(TrainableCallback):
             )
 
     def _loss_on(self, device: torch.device) -> Any:
-        if isinstance(self._loss, nn.Module):
-            reference = _first_param(self._loss)
-            if reference is not None and reference.device != device:
+        if self._loss_device != device:
+            # A loss with tensors of its own (class weights) follows the probe's device.
+            if isinstance(self._loss, nn.Module):
                 self._loss = self._loss.to(device)
+            self._loss_device = device
         return self._loss
 
     def _store_preds(self, preds: Tensor, outputs: Any, batch: Any) -> None:
