@@ -104,10 +104,20 @@ class SweepOptimizer(Optimizer):
                 self._update(p, group, found_inf)
         return loss
 
+    def _on_device(self, group: dict[str, Any], key: str, device: torch.device) -> Tensor:
+        # A host-to-device copy of the per-head values every step would sync: keep one copy per device (kept
+        # off the param groups, so the state_dict stays plain).
+        cache = self.__dict__.setdefault("_device_copies", {})
+        values = group[key]
+        tag = (key, device, id(values))
+        if tag not in cache:
+            cache[tag] = values.to(device)
+        return cache[tag]
+
     def _update(self, p: Tensor, group: dict[str, Any], found_inf: Tensor | None) -> None:
         view = (-1,) + (1,) * (p.ndim - 1)
-        lr = group["lrs"].to(p.device).view(view)
-        wd = group["weight_decays"].to(p.device).view(view) if group["decay"] else None
+        lr = self._on_device(group, "lrs", p.device).view(view)
+        wd = self._on_device(group, "weight_decays", p.device).view(view) if group["decay"] else None
         keep = None if found_inf is None else (found_inf == 0)
         grad = p.grad if keep is None else torch.where(keep, p.grad, torch.zeros((), device=p.device, dtype=p.dtype))
         state = self.state[p]
