@@ -8,6 +8,7 @@ Configurations, interleaved round by round (median over rounds), all through the
   module-1 / -8     sslprobe.Module + 1 / 8 OnlineProbe (AdamW, as the floor)
   plain-1 / -8      the plain LightningModule + 1 / 8 OnlineProbe
   sweep-8 / -16     sslprobe.Module + ProbeSweep with 8 / 16 heads
+  lars-1 / -8       sslprobe.Module + OnlineProbes with their default optimizer (LARS)
 Probes: linear, embedding -> 100 classes, cross-entropy, top-1 metric. Batches are prebuilt on the device.
 
   --device cpu   MLP 512-1024-1024-512, batch 256, fp32
@@ -38,6 +39,8 @@ NUM_CLASSES = 100
 
 
 def make_backbone(name: str) -> tuple[nn.Module, tuple[int, ...], int]:
+    if name == "tiny":  # for profiling Python overhead: compute is negligible
+        return nn.Sequential(nn.Linear(32, 32), nn.ReLU()), (32,), 32
     if name == "mlp":
         net = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 512))
         return net, (512,), 512
@@ -160,15 +163,10 @@ def build(config: str, backbone: nn.Module, emb: int):
                 weight_decays=[0.0, 5e-4],
             )
         ]
+    # "lars-N": the probes' default optimizer (LARS); otherwise AdamW, as the hand-written floor uses.
+    optimizer = None if kind == "lars" else {"type": "AdamW", "lr": 1e-3}
     probes = [
-        OnlineProbe(
-            model,
-            f"p{i}",
-            "embedding",
-            "label",
-            probe=nn.Linear(emb, NUM_CLASSES),
-            optimizer={"type": "AdamW", "lr": 1e-3},
-        )
+        OnlineProbe(model, f"p{i}", "embedding", "label", probe=nn.Linear(emb, NUM_CLASSES), optimizer=optimizer)
         for i in range(n)
     ]
     return model, probes
@@ -221,8 +219,8 @@ def main():
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     backbone_name = args.backbone or ("mlp" if args.device == "cpu" else "resnet50")
-    batch = args.batch or {"mlp": 256, "resnet18": 256, "resnet50": 128}[backbone_name]
-    precision = "32-true" if backbone_name == "mlp" else "bf16-mixed"
+    batch = args.batch or {"tiny": 16, "mlp": 256, "resnet18": 256, "resnet50": 128}[backbone_name]
+    precision = "32-true" if backbone_name in ("mlp", "tiny") else "bf16-mixed"
     device = torch.device(args.device)
     torch.manual_seed(0)
     backbone, shape, emb = make_backbone(backbone_name)

@@ -57,8 +57,8 @@ class Top1Accuracy(Metric):
     def update(self, preds: Tensor, target: Tensor) -> None:
         if preds.ndim == target.ndim + 1:
             preds = preds.argmax(dim=-1)
-        self.correct += (preds == target).sum()
-        self.total += target.numel()
+        self.correct.add_((preds == target).sum())
+        self.total.add_(target.numel())
 
     def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp(min=1)

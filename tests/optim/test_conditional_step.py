@@ -39,3 +39,28 @@ def test_skipped_steps_leave_no_trace(make_opt):
         opt_b.step()
     torch.testing.assert_close(a, b)
     assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("kind", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("options", [{}, {"amsgrad": True, "weight_decay": 0.1}, {"maximize": True}])
+def test_fused_adam_fast_path_is_the_optimizers_own_step(kind, options):
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = kind([{"params": a[:1]}, {"params": a[1:], "weight_decay": 0.0}], lr=0.1, fused=True, **options)
+    opt_b = kind([{"params": b[:1]}, {"params": b[1:], "weight_decay": 0.0}], lr=0.1, fused=True, **options)
+    for i in range(5):
+        grads = [torch.randn_like(p) for p in a]
+        skip = torch.tensor(1.0 if i == 2 else 0.0)
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        conditional_step(opt_a, skip)  # the fast path from the second step on
+        opt_b.found_inf, opt_b.grad_scale = skip, None
+        opt_b.step()
+        opt_a.param_groups[0]["lr"] *= 0.5  # a scheduler's change is seen
+        opt_b.param_groups[0]["lr"] *= 0.5
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    for p, q in zip(a, b):
+        for key in opt_b.state[q]:
+            assert torch.equal(opt_a.state[p][key], opt_b.state[q][key]), key

@@ -165,7 +165,7 @@ class TrainableCallback(Callback):
         self._owner = owner
         self._stepper: Stepper | None = None
         self._parked_state: dict[str, Any] | None = None
-        self._rng_needed: tuple[int, bool] | None = None
+        self._rng_needed: tuple[tuple[int, bool], bool, bool] | None = None
         self._skip_warned = False
 
     @staticmethod
@@ -261,6 +261,7 @@ class TrainableCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the optimizer (unless the module is still lazy) or move its state to the module's device."""
         module = self.trainable_module(pl_module)
+        self.__dict__.pop("_buffer_cache", None)  # the module may have moved: its buffers are new tensors
         if has_uninitialized_params(module):
             return
         stepper = self._ensure_stepper(trainer, module)
@@ -276,7 +277,7 @@ class TrainableCallback(Callback):
             module.train()
         was_lazy = self._stepper is None and has_uninitialized_params(module)
         # Running statistics (BatchNorm) change in the forward: keep a copy to undo a non-finite batch.
-        buffers = [] if was_lazy else [b for b in module.buffers() if b.numel()]
+        buffers = [] if was_lazy else self._buffers_of(module)
         saved = [b.clone() for b in buffers]
         with self._private_rng(module), torch.enable_grad():
             loss = self.compute_loss(trainer, pl_module, outputs, batch, batch_idx)
@@ -332,11 +333,19 @@ class TrainableCallback(Callback):
 
     # ------------------------------------------------------------------ internals
 
+    def _buffers_of(self, module: nn.Module) -> list[Tensor]:
+        cached = self.__dict__.get("_buffer_cache")
+        if cached is None or cached[0] is not module:
+            cached = self.__dict__["_buffer_cache"] = (module, [b for b in module.buffers() if b.numel()])
+        return cached[1]
+
     def _private_rng(self, module: nn.Module) -> contextlib.AbstractContextManager:
         key = (id(module), module.training)
-        if self._rng_needed is None or self._rng_needed[0] != key or has_uninitialized_params(module):
-            self._rng_needed = (key, needs_private_rng(module))
-        return self._rng if self._rng_needed[1] else contextlib.nullcontext()
+        cached = self._rng_needed
+        if cached is None or cached[0] != key or cached[2]:
+            # Recomputed while the module is lazy (materialising draws random numbers), cached after.
+            cached = self._rng_needed = (key, needs_private_rng(module), has_uninitialized_params(module))
+        return self._rng if cached[1] else contextlib.nullcontext()
 
     def _ensure_stepper(self, trainer: pl.Trainer, module: nn.Module) -> Stepper:
         params = [p for p in module.parameters() if p.requires_grad]
@@ -449,9 +458,15 @@ def _last_step_of_epoch(trainer: pl.Trainer) -> bool:
 
 
 def _logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning's logger connector records this training step (its ``should_update_logs``)."""
+    # The same arithmetic as the connector's property, read from the loop directly: the property walks every
+    # loop to find the active one, which costs more than the rest of a probe's bookkeeping.
+    stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    every = trainer.log_every_n_steps
+    if isinstance(stepped, int):
+        return every > 0 and ((stepped + 1) % every == 0 or trainer.should_stop)
     connector = getattr(trainer, "_logger_connector", None)
     should = getattr(connector, "should_update_logs", None)
     if isinstance(should, bool):
         return should
-    every = max(int(getattr(trainer, "log_every_n_steps", 50) or 50), 1)
-    return (trainer.global_step + 1) % every == 0
+    return every > 0 and (trainer.global_step + 1) % every == 0

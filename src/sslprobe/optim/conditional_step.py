@@ -42,18 +42,65 @@ def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
         tensor([0.9000, 0.9000])
     """
     if isinstance(optimizer, LARS) or getattr(optimizer, "_accepts_found_inf", False):
-        optimizer.step(found_inf=skip)  # type: ignore[call-arg]  # our own optimizers mask on the device
+        optimizer.masked_step(skip)  # type: ignore[attr-defined]  # our own optimizers mask on the device
         return
     # Fused SGD is left out on purpose: a skipped first step leaves its momentum buffer uninitialised.
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and _is_fused(optimizer):
-        optimizer.grad_scale = None  # type: ignore[attr-defined]  # the attributes GradScaler sets for fused steps
-        optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+        if not _fused_adam_step(optimizer, skip):
+            optimizer.grad_scale = None  # type: ignore[attr-defined]  # the attributes GradScaler sets
+            optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
         return
     _restoring_step(optimizer, skip)
+
+
+def _fused_adam_step(optimizer: Optimizer, skip: Tensor) -> bool:
+    """The fused Adam(W) kernel called directly, as ``optimizer.step()`` would with ``found_inf=skip``.
+
+    ``Optimizer.step`` spends a few hundred microseconds of Python per call (hooks, profiling scopes, grouping
+    tensors by device); a probe steps every batch, so its step calls the same kernels without that. Returns False
+    (and does nothing) where the state does not exist yet or an option needs the regular path.
+    """
+    groups = []
+    for group in optimizer.param_groups:
+        if group.get("differentiable") or group.get("capturable") or isinstance(group["lr"], Tensor):
+            return False
+        params = [p for p in group["params"] if p.grad is not None]
+        states = [optimizer.state.get(p) for p in params]
+        if any(not state for state in states):
+            return False  # the first step creates the state: let the optimizer do it
+        groups.append((group, params, states))
+    found = skip.to(torch.float32)
+    for group, params, states in groups:
+        if not params:
+            continue
+        steps = [state["step"] for state in states]
+        decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(steps, 1)
+        kernel(
+            params,
+            [p.grad for p in params],
+            [state["exp_avg"] for state in states],
+            [state["exp_avg_sq"] for state in states],
+            [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
+            steps,
+            amsgrad=group["amsgrad"],
+            lr=group["lr"],
+            beta1=float(beta1),
+            beta2=float(beta2),
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            grad_scale=None,
+            found_inf=found,
+        )
+        torch._foreach_sub_(steps, [found] * len(steps))
+    return True
 
 
 def _is_fused(optimizer: Optimizer) -> bool:

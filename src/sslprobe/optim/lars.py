@@ -156,35 +156,53 @@ class LARS(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.masked_step(found_inf)
+        return loss
+
+    @torch.no_grad()
+    def masked_step(self, found_inf: Tensor | None = None) -> None:
+        """The update itself, without ``Optimizer.step``'s hooks (an online probe calls this every batch).
+
+        All parameters of a group are updated with a few multi-tensor (``torch._foreach_*``) kernels: the norms of
+        every parameter and gradient at once, the trust ratios as one small vector, one multiply, one update.
+        """
         keep = None if found_inf is None else (found_inf == 0)
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                if keep is not None:
-                    # A masked-out step may carry NaN gradients: never let them reach the state.
-                    grad = torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-                if p.ndim > 1 or not group["exclude_bias_n_norm"]:
-                    direction = lars_direction(
-                        p,
-                        grad,
-                        lr=lr,
-                        weight_decay=group["weight_decay"],
-                        eta=group["eta"],
-                        clip_lr=group["clip_lr"],
-                        eps=group["eps"],
-                    )
-                else:
-                    direction = grad
-                if momentum != 0:
-                    direction = self._momentum(p, direction, group, keep)
-                if keep is None:
-                    p.add_(direction, alpha=-lr)
-                else:
-                    p.copy_(torch.where(keep, p - lr * direction, p))
-        return loss
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if keep is not None:
+                # A masked-out step may carry NaN gradients: zero them, so every later quantity is finite and a
+                # zero direction leaves the parameters exactly as they were.
+                zero = torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
+                grads = [torch.where(keep, g, zero) for g in grads]
+            directions = self._directions(params, grads, group)
+            if group["momentum"] != 0:
+                directions = [self._momentum(p, d, group, keep) for p, d in zip(params, directions)]
+            torch._foreach_add_(params, directions, alpha=-group["lr"])
+
+    def _directions(self, params: list[Tensor], grads: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
+        adapted = [i for i, p in enumerate(params) if p.ndim > 1 or not group["exclude_bias_n_norm"]]
+        if not adapted:
+            return grads
+        lr, wd, eta, eps = group["lr"], group["weight_decay"], group["eta"], group["eps"]
+        p_norm = torch.stack(torch._foreach_norm([params[i] for i in adapted]))  # (A,)
+        g_norm = torch.stack(torch._foreach_norm([grads[i] for i in adapted]))  # (A,)
+        trust = eta * p_norm / (g_norm + wd * p_norm + eps)
+        if group["clip_lr"]:
+            trust = torch.clamp(trust / lr, max=1.0)
+        use = (p_norm > 0) & (g_norm > 0)
+        # d = (g + wd * p) * t where both norms are non-zero, else g: scale factors per parameter.
+        scale = torch.where(use, trust, torch.ones_like(trust)).unbind()
+        directions = list(grads)
+        picked = [grads[i] for i in adapted]
+        if wd != 0:
+            decay = torch.where(use, torch.full_like(trust, wd), torch.zeros_like(trust)).unbind()
+            picked = torch._foreach_add(picked, torch._foreach_mul([params[i] for i in adapted], decay))
+        for i, d in zip(adapted, torch._foreach_mul(picked, scale)):
+            directions[i] = d
+        return directions
 
     def _momentum(self, p: Tensor, direction: Tensor, group: dict[str, Any], keep: Tensor | None) -> Tensor:
         momentum, dampening = group["momentum"], group["dampening"]
@@ -212,4 +230,9 @@ class LARS(Optimizer):
                 started = started | keep
             state["momentum_started"] = started
         state["momentum_buffer"] = buf
-        return direction.add(buf, alpha=momentum) if group["nesterov"] else buf
+        step = direction.add(buf, alpha=momentum) if group["nesterov"] else buf
+        if keep is not None:
+            step = torch.where(
+                keep, step, torch.zeros((), dtype=step.dtype, device=step.device)
+            )  # a skip moves nothing
+        return step

@@ -82,7 +82,8 @@ class Stepper:
         self._scaling = any(p.dtype == torch.float16 for p in self.params)
         self._scale = torch.tensor(_INIT_SCALE if self._scaling else 1.0, device=device)
         self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
-        self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._skipped = torch.zeros((), dtype=torch.float32, device=device)
+        self._found = torch.zeros((), dtype=torch.float32, device=device)
         self._good = torch.zeros((), dtype=torch.float32, device=device)
         self._sums: list[Tensor] | None = None
         self.last_found: Tensor | None = None  # 1.0 when the latest batch was not finite
@@ -101,16 +102,23 @@ class Stepper:
 
     def backward(self, loss: Tensor) -> bool:
         """Add one batch's gradient of ``loss``; step when the window is full. Returns True if it stepped."""
-        found = (~torch.isfinite(loss.detach())).to(torch.float32)
-        scaled = loss * self._scale if self._scaling else loss
+        found = self._found.zero_()
+        if self._scaling:
+            scaled = loss * self._scale
+            found.copy_(torch.isfinite(loss.detach()).logical_not())
+        else:
+            scaled = loss
         grads = list(torch.autograd.grad(scaled, self.params, allow_unused=True))
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
-        # One fused pass: flags any NaN/Inf gradient in `found` and divides by the loss scale.
-        inv_scale = self._scale.reciprocal() if self._scaling else self._scale
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale)
+        # One fused kernel flags any NaN/Inf in `found` and divides by the loss scale. Unscaled, the loss itself
+        # rides along (multiplied by exactly 1), which saves the separate isfinite of the loss.
         if self._scaling:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._scale.reciprocal())
             torch._amp_update_scale_(self._scale, self._growth_tracker, found, 2.0, 0.5, _GROWTH_INTERVAL)
-        self._skipped += found.to(torch.int64)
+        else:
+            checked = [*grads, loss.detach().reshape(1)]
+            torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._scale)
+        self._skipped.add_(found)
         self.last_found = found
         self.batches += 1
         full = self.batches >= self.accumulate_grad_batches
@@ -159,7 +167,7 @@ class Stepper:
 
     def to(self, device: torch.device) -> None:
         """Move the stepper's tensors and the optimizer's state to ``device``."""
-        for name in ("_scale", "_growth_tracker", "_skipped", "_good"):
+        for name in ("_scale", "_growth_tracker", "_skipped", "_good", "_found"):
             setattr(self, name, getattr(self, name).to(device))
         if self._sums is not None:
             self._sums = [t.to(device) for t in self._sums]
@@ -195,6 +203,6 @@ class Stepper:
         self._good = state["good"].to(device)
         self.batches = int(state["batches"])
         self.steps = int(state["steps"])
-        self._skipped = state["skipped"].to(device)
+        self._skipped = state["skipped"].to(device=device, dtype=torch.float32)
         self._scale = state["scale"].to(device)
         self._growth_tracker = state["growth_tracker"].to(device)

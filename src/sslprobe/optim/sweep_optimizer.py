@@ -97,12 +97,16 @@ class SweepOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.masked_step(found_inf)
+        return loss
+
+    @torch.no_grad()
+    def masked_step(self, found_inf: Tensor | None = None) -> None:
+        """The update itself, without ``Optimizer.step``'s hooks (an online probe calls this every batch)."""
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                self._update(p, group, found_inf)
-        return loss
+                if p.grad is not None:
+                    self._update(p, group, found_inf)
 
     def _on_device(self, group: dict[str, Any], key: str, device: torch.device) -> Tensor:
         # A host-to-device copy of the per-head values every step would sync: keep one copy per device (kept
