@@ -15,8 +15,10 @@ tests)
     SSLPROBE_TEST_ACCELERATOR=gpu python3 -m pytest -q -p no:cacheprovider tests/distributed 2>&1 | tee "$OUT/test_ddp_gpu.log" | tail -15
     ;;
 bench1)
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --json "$OUT/r50.json" 2>&1 | tee "$OUT/r50.log" | grep -v "^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip"
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --json "$OUT/r18.json" 2>&1 | tee "$OUT/r18.log" | grep -v "^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip"
+    CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -3
+    CONFIGS=none,floor-1,floor-8,module-0,module-1,module-8,plain-1,plain-8,lars-1,lars-8,sweep-8,sweep-16
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs $CONFIGS --json "$OUT/r50.json" 2>&1 | tee "$OUT/r50.log" | grep -v "^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --configs $CONFIGS --json "$OUT/r18.json" 2>&1 | tee "$OUT/r18.log" | grep -v "^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip"
     ;;
 bench2)
     python3 benchmarks/overhead.py --device cuda --backbone resnet50 --devices 2 --rounds 3 --configs none,floor-1,floor-8,module-0,module-1,module-8,sweep-16 --json "$OUT/r50_ddp.json" 2>&1 | tee "$OUT/r50_ddp.log" | grep -v "^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip"
