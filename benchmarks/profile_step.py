@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import overhead  # noqa: E402
+import overhead
 
 
 def main():
