@@ -72,7 +72,7 @@ def test_matches_manual_computation(config):
         opt.step()
         expected, bufs = manual_lars(expected, grads, bufs, **config)
     for p, want in zip(params, expected):
-        torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-10, atol=1e-12)
 
 
 def test_zero_gradient_and_zero_weight_use_plain_gradient():

@@ -187,20 +187,24 @@ class LARS(Optimizer):
         if not adapted:
             return grads
         lr, wd, eta, eps = group["lr"], group["weight_decay"], group["eta"], group["eps"]
-        p_norm = torch.stack(torch._foreach_norm([params[i] for i in adapted]))  # (A,)
-        g_norm = torch.stack(torch._foreach_norm([grads[i] for i in adapted]))  # (A,)
-        trust = eta * p_norm / (g_norm + wd * p_norm + eps)
+        n = len(adapted)
+        # One multi-tensor kernel for every norm, then the trust ratios as one small vector: a handful of kernel
+        # launches whatever the number of parameters (a probe steps every batch; launches are its cost).
+        norms = torch.stack(torch._foreach_norm([params[i] for i in adapted] + [grads[i] for i in adapted]))
+        p_norm, g_norm = norms[:n], norms[n:]  # (A,), (A,)
+        denominator = g_norm + wd * p_norm + eps if wd != 0 else g_norm + eps
+        trust = (eta / lr) * p_norm / denominator if group["clip_lr"] else eta * p_norm / denominator
         if group["clip_lr"]:
-            trust = torch.clamp(trust / lr, max=1.0)
-        use = (p_norm > 0) & (g_norm > 0)
-        # d = (g + wd * p) * t where both norms are non-zero, else g: scale factors per parameter.
-        scale = torch.where(use, trust, torch.ones_like(trust)).unbind()
+            trust = trust.clamp_(max=1.0)
+        use = (p_norm * g_norm) > 0  # both norms non-zero (norms are >= 0)
+        # d = (g + wd * p) * t where both norms are non-zero, else g: one scale factor per parameter.
+        scale = torch.where(use, trust, 1.0)
         directions = list(grads)
         picked = [grads[i] for i in adapted]
         if wd != 0:
-            decay = torch.where(use, torch.full_like(trust, wd), torch.zeros_like(trust)).unbind()
-            picked = torch._foreach_add(picked, torch._foreach_mul([params[i] for i in adapted], decay))
-        for i, d in zip(adapted, torch._foreach_mul(picked, scale)):
+            decay = torch.where(use, wd, 0.0).to(trust.dtype)
+            picked = torch._foreach_add(picked, torch._foreach_mul([params[i] for i in adapted], list(decay.unbind())))
+        for i, d in zip(adapted, torch._foreach_mul(picked, list(scale.unbind()))):
             directions[i] = d
         return directions
 
