@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 import warnings
+from functools import partial
 
 import lightning.pytorch as pl
 import numpy as np
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sslprobe import Module
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep
-from sslprobe.probes import LinearProbe
+from sslprobe.probes import AttentiveProbe, LinearProbe, MLPProbe
 
 
 class Digits(Dataset):
@@ -79,11 +80,28 @@ def run(seed, epochs, only):
     offline = LogisticRegression(max_iter=5000, C=10.0).fit(f_tr, y_tr).score(f_te, y_te)
     pl.seed_everything(seed, verbose=False)
     model = Module(forward=forward, backbone=backbone)
+    # Probes are given as factories: built on their private RNG stream, they leave the data order (the global
+    # stream) the same whichever probes run together.
     callbacks = {}
     if "linear" in only:
         callbacks["linear"] = OnlineProbe(model, "linear", "embedding", "label", probe=LinearProbe(10))
     if "plain-linear" in only:
-        callbacks["plain-linear"] = OnlineProbe(model, "plain_linear", "embedding", "label", probe=nn.Linear(256, 10))
+        callbacks["plain-linear"] = OnlineProbe(
+            model, "plain_linear", "embedding", "label", probe=partial(nn.Linear, 256, 10)
+        )
+    if "mlp" in only:
+        callbacks["mlp"] = OnlineProbe(model, "mlp", "embedding", "label", probe=partial(MLPProbe, 10, hidden=256))
+    if "attentive" in only:
+        # The 256 features seen as 16 tokens of 16: the shape an attentive probe pools over.
+        tokens = lambda out, batch: out["embedding"].view(-1, 16, 16)  # noqa: E731
+        callbacks["attentive"] = OnlineProbe(
+            model,
+            "attentive",
+            tokens,
+            "label",
+            probe=partial(AttentiveProbe, 10, num_heads=4),
+            optimizer={"type": "AdamW", "lr": 1e-3},
+        )
     if "sweep" in only:
         callbacks["sweep"] = ProbeSweep(model, "sweep", "embedding", "label", num_classes=10)
     if "knn" in only:
@@ -116,7 +134,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--only", default="linear,plain-linear,sweep,knn")
+    ap.add_argument("--only", default="linear,plain-linear,sweep,knn,mlp,attentive")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     only = args.only.split(",")
