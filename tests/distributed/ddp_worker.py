@@ -160,6 +160,32 @@ def scenario_frozen(args):
     }
 
 
+def scenario_fsdp(args):
+    """FSDP with the probes left out of sharding: they must stay whole and identical on every rank."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    model = build_module(trainable=True)
+    probe = OnlineProbe(
+        model,
+        "linear",
+        "embedding",
+        "label",
+        probe=nn.Linear(16, NUM_CLASSES),
+        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
+    )
+    before = Before()
+    after = After(before)
+    strategy = FSDPStrategy(ignored_modules=[model.callbacks_modules])
+    t = trainer(args.accelerator, [before, probe, after], max_epochs=2, strategy=strategy)
+    t.fit(model, datamodule=ShardedData())
+    return {
+        "weights": weights(model),
+        "max_diff": after.max_diff,
+        "steps": probe.stepper.steps,
+        "metrics": {k: float(v) for k, v in t.callback_metrics.items()},
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")

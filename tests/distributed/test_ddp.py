@@ -130,3 +130,12 @@ def test_frozen_main_model_under_ddp(tmp_path):
     result = run_worker("frozen", tmp_path / "frozen.pt")
     assert result["global_step"] == 6 and result["steps"] == 6
     assert result["max_diff"] == 0.0
+
+
+@pytest.mark.skipif(ACCELERATOR != "gpu", reason="Lightning's FSDP needs CUDA GPUs")
+def test_fsdp_keeps_probes_whole_and_in_sync(tmp_path):
+    result = run_worker("fsdp", tmp_path / "fsdp.pt")
+    assert result["max_diff"] == 0.0
+    assert result["steps"] == 12
+    assert result["weights"]["linear.weight"].shape == (NUM_CLASSES, 16)  # whole, not a shard
+    assert "eval/linear_top1" in result["metrics"]
