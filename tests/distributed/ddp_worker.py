@@ -195,9 +195,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
-    result = {"train": scenario_train, "checkpoint": scenario_checkpoint, "frozen": scenario_frozen}[args.scenario](
-        args
-    )
+    scenarios = {"train": scenario_train, "checkpoint": scenario_checkpoint, "frozen": scenario_frozen}
+    scenarios["fsdp"] = scenario_fsdp
+    result = scenarios[args.scenario](args)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(result, args.out)
 
