@@ -118,6 +118,38 @@ class SweepOptimizer(Optimizer):
             cache[tag] = values.to(device)
         return cache[tag]
 
+    @staticmethod
+    def _adamw(
+        p: Tensor,
+        grad: Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        lr: Tensor,
+        wd: Tensor | None,
+        keep: Tensor | None,
+    ) -> None:
+        # In place and written so that a skipped step (keep False, grad zeroed) changes nothing, bit for bit:
+        # lerp with weight 0 returns its start, a multiply by 1 and an added 0 are exact, a zero step size moves
+        # nothing. About ten passes over the weights, where copying and masking new tensors would take twice that.
+        if not state:
+            state["step"] = torch.zeros((), device=p.device)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        beta1, beta2 = group["betas"]
+        kept = torch.ones((), device=p.device) if keep is None else keep.to(torch.float32)
+        step = state["step"].add_(kept)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, kept * (1 - beta1))
+        exp_avg_sq.mul_(torch.where(kept > 0, beta2, 1.0)).addcmul_(grad, grad, value=1 - beta2)
+        # Clamped so that a skipped very first step (step 0) divides nothing by zero.
+        bias1 = (1 - beta1**step).clamp_(min=1e-30)
+        bias2 = (1 - beta2**step).clamp_(min=1e-30)
+        denom = (exp_avg_sq / bias2).sqrt_().add_(group["eps"])
+        step_size = lr * (kept / bias1)  # (H, 1, ...)
+        if wd is not None:
+            p.mul_(1 - lr * wd * kept)
+        p.sub_(step_size * exp_avg / denom)
+
     def _update(self, p: Tensor, group: dict[str, Any], found_inf: Tensor | None) -> None:
         view = (-1,) + (1,) * (p.ndim - 1)
         lr = self._on_device(group, "lrs", p.device).view(view)
@@ -127,18 +159,8 @@ class SweepOptimizer(Optimizer):
         state = self.state[p]
         kind = group["kind"]
         if kind == "AdamW":
-            if not state:
-                state["step"] = torch.zeros((), device=p.device)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            beta1, beta2 = group["betas"]
-            step = state["step"] + (1.0 if keep is None else keep.float())
-            exp_avg = state["exp_avg"].mul(beta1).add_(grad, alpha=1 - beta1)
-            exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq / (1 - beta2**step)).sqrt_().add_(group["eps"])
-            update = exp_avg / (1 - beta1**step) / denom
-            new_p = p * (1 - lr * wd) - lr * update if wd is not None else p - lr * update
-            updates = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+            self._adamw(p, grad, state, group, lr, wd, keep)
+            return
         else:
             direction = grad
             if kind == "LARS" and p.ndim > 1:
