@@ -38,6 +38,20 @@ def _validate_locator(value: Any, arg: str, owner: str) -> Locator:
     return value
 
 
+# The last conversion of features to a probe's dtype/device, shared by the probes that read the same tensor in the
+# same step (one cast instead of one per probe). The source is held, so its identity cannot be recycled.
+_last_conversion: list[Any] = [None, None, None, None]
+
+
+def _converted(x: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    source, cached_dtype, cached_device, result = _last_conversion
+    if source is x and cached_dtype == dtype and cached_device == device:
+        return result
+    result = x.detach().to(device=device, dtype=dtype)
+    _last_conversion[:] = [x, dtype, device, result]
+    return result
+
+
 def _first_param(module: nn.Module) -> Tensor | None:
     for p in module.parameters():
         return p
@@ -314,11 +328,10 @@ class OnlineProbe(TrainableCallback):
     def _forward(self, probe: nn.Module, features: Tensor, stage: str) -> Tensor:
         reference = _first_param(probe)
         x = features.detach()
-        if reference is not None:
-            if x.is_floating_point() and x.dtype != reference.dtype:
-                x = x.to(reference.dtype)
-            if x.device != reference.device:
-                x = x.to(reference.device)
+        if reference is not None and (
+            (x.is_floating_point() and x.dtype != reference.dtype) or x.device != reference.device
+        ):
+            x = _converted(features, reference.dtype if x.is_floating_point() else x.dtype, reference.device)
         if stage in self._checked:
             return probe(x)
         expected = getattr(probe, "in_features", None)

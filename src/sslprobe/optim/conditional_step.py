@@ -74,21 +74,22 @@ def _fused_adam_step(optimizer: Optimizer, skip: Tensor) -> bool:
             return False  # the first step creates the state: let the optimizer do it
         groups.append((group, params, states))
     found = skip.to(torch.float32)
+    # Every group's step counters move in one multi-tensor kernel (and back, for a skipped step, in one more).
+    steps = [state["step"] for _, _, states in groups for state in states]
+    torch._foreach_add_(steps, 1)
     for group, params, states in groups:
         if not params:
             continue
-        steps = [state["step"] for state in states]
         decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         beta1, beta2 = group["betas"]
-        torch._foreach_add_(steps, 1)
         kernel(
             params,
             [p.grad for p in params],
             [state["exp_avg"] for state in states],
             [state["exp_avg_sq"] for state in states],
             [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
-            steps,
+            [state["step"] for state in states],
             amsgrad=group["amsgrad"],
             lr=group["lr"],
             beta1=float(beta1),
@@ -99,7 +100,7 @@ def _fused_adam_step(optimizer: Optimizer, skip: Tensor) -> bool:
             grad_scale=None,
             found_inf=found,
         )
-        torch._foreach_sub_(steps, [found] * len(steps))
+    torch._foreach_sub_(steps, [found] * len(steps))
     return True
 
 

@@ -16,6 +16,7 @@ __all__ = ["Stepper"]
 _ALLOWED_CLIP = ("norm", "value")
 _INIT_SCALE = 2.0**16
 _GROWTH_INTERVAL = 2000
+_HISTORY = 1024
 
 
 class Stepper:
@@ -83,7 +84,8 @@ class Stepper:
         self._scale = torch.tensor(_INIT_SCALE if self._scaling else 1.0, device=device)
         self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
         self._skipped = torch.zeros((), dtype=torch.float32, device=device)
-        self._found = torch.zeros((), dtype=torch.float32, device=device)
+        self._history = torch.zeros(_HISTORY, dtype=torch.float32, device=device)
+        self._slot = 0
         self._good = torch.zeros((), dtype=torch.float32, device=device)
         self._sums: list[Tensor] | None = None
         self.last_found: Tensor | None = None  # 1.0 when the latest batch was not finite
@@ -93,7 +95,11 @@ class Stepper:
     @property
     def skipped(self) -> Tensor:
         """Number of non-finite batches skipped so far (a device tensor: reading it syncs)."""
-        return self._skipped
+        return self._skipped + self._history.sum()
+
+    def _flush_history(self) -> None:
+        self._skipped.add_(self._history.sum())
+        self._history.zero_()
 
     @property
     def direct(self) -> bool:
@@ -102,7 +108,13 @@ class Stepper:
 
     def backward(self, loss: Tensor) -> bool:
         """Add one batch's gradient of ``loss``; step when the window is full. Returns True if it stepped."""
-        found = self._found.zero_()
+        # Each batch flags non-finite values in its own pre-zeroed slot of a history buffer; slots are summed into
+        # the skipped count (and zeroed) once per `_HISTORY` batches: no zeroing and counting kernels per batch.
+        slot = self._slot % _HISTORY
+        if slot == 0 and self._slot:
+            self._flush_history()
+        found = self._history[slot]
+        self._slot += 1
         if self._scaling:
             scaled = loss * self._scale
             found.copy_(torch.isfinite(loss.detach()).logical_not())
@@ -118,7 +130,6 @@ class Stepper:
         else:
             checked = [*grads, loss.detach().reshape(1)]
             torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._scale)
-        self._skipped.add_(found)
         self.last_found = found
         self.batches += 1
         full = self.batches >= self.accumulate_grad_batches
@@ -167,7 +178,7 @@ class Stepper:
 
     def to(self, device: torch.device) -> None:
         """Move the stepper's tensors and the optimizer's state to ``device``."""
-        for name in ("_scale", "_growth_tracker", "_skipped", "_good", "_found"):
+        for name in ("_scale", "_growth_tracker", "_skipped", "_good", "_history"):
             setattr(self, name, getattr(self, name).to(device))
         if self._sums is not None:
             self._sums = [t.to(device) for t in self._sums]
@@ -187,7 +198,7 @@ class Stepper:
             "good": self._good.clone(),
             "batches": self.batches,
             "steps": self.steps,
-            "skipped": self._skipped.clone(),
+            "skipped": self.skipped.clone(),
             "scale": self._scale.clone(),
             "growth_tracker": self._growth_tracker.clone(),
         }
@@ -204,5 +215,7 @@ class Stepper:
         self.batches = int(state["batches"])
         self.steps = int(state["steps"])
         self._skipped = state["skipped"].to(device=device, dtype=torch.float32)
+        self._history.zero_()
+        self._slot = 0
         self._scale = state["scale"].to(device)
         self._growth_tracker = state["growth_tracker"].to(device)
