@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch  # noqa: F401  # used by the doctests
 from torch import Tensor
 
-__all__ = ["MISSING", "Locator", "available_keys", "describe", "locate", "lookup"]
+__all__ = ["MISSING", "Locator", "available_keys", "describe", "features_of", "locate", "lookup", "target_of"]
 
 #: Where a value is: a key (or dotted path ``"views.0"``), an index, or ``(outputs, batch) -> value``.
 Locator = str | int | Callable[[Any, Any], Any]
@@ -112,3 +113,43 @@ def describe(container: Any) -> str:
     if isinstance(container, Tensor):
         return f"a single tensor of shape {tuple(container.shape)}"
     return f"a {type(container).__name__}"
+
+
+def features_of(locator: Locator, outputs: Any, batch: Any, owner: str) -> Tensor:
+    """The features ``locator`` names: step outputs first, then the batch; a clear error when absent.
+
+    Examples:
+        >>> features_of("h", {"h": torch.ones(1)}, {"x": 0}, "probe")
+        tensor([1.])
+    """
+    value = locate(locator, [outputs, batch], outputs, batch)
+    if value is MISSING:
+        raise RuntimeError(
+            f"{owner}: input key {locator!r} is in neither the step outputs ({describe(outputs)}) nor the batch "
+            f"({describe(batch)}). Pass one of them as input=, or return the features from your step."
+        )
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{owner}: input {locator!r} is a {type(value).__name__}, expected a Tensor.")
+    return value
+
+
+def target_of(locator: Locator, outputs: Any, batch: Any, owner: str, *, required: bool = True) -> Tensor | None:
+    """The labels ``locator`` names: batch first, then step outputs; ``None`` or a clear error when absent.
+
+    Examples:
+        >>> target_of(1, None, (0, torch.tensor([2])), "probe")
+        tensor([2])
+        >>> target_of("y", None, {"x": 0}, "probe", required=False) is None
+        True
+    """
+    value = locate(locator, [batch, outputs], outputs, batch)
+    if value is MISSING or value is None:
+        if not required:
+            return None
+        raise RuntimeError(
+            f"{owner}: target key {locator!r} is in neither the batch ({describe(batch)}) nor the step outputs "
+            f"({describe(outputs)}). Pass one of them as target=."
+        )
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{owner}: target {locator!r} is a {type(value).__name__}, expected a Tensor.")
+    return value

@@ -51,6 +51,14 @@ def ensure_containers(module: nn.Module, owner: str) -> tuple[nn.ModuleDict, nn.
     return containers[0], containers[1]
 
 
+def cached_state_key(callback: Callback) -> str:
+    """``callback``'s state key (class and name), built once: Lightning reads it for every hook of every step."""
+    key = callback.__dict__.get("_state_key")
+    if key is None:
+        key = callback.__dict__["_state_key"] = callback._generate_state_key(name=callback.name)
+    return key
+
+
 def check_name(name: Any, cls: str) -> str:
     """Check a callback name: a non-empty string without '.', usable as a ModuleDict key and a log name."""
     if not isinstance(name, str) or not name or "." in name:
@@ -211,11 +219,7 @@ class TrainableCallback(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # Lightning reads this for every hook of every step (profiler labels): build the string once.
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self.__dict__["_state_key"] = self._generate_state_key(name=self.name)
-        return key
+        return cached_state_key(self)
 
     @property
     def stepper(self) -> Stepper | None:

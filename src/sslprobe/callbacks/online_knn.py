@@ -10,10 +10,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
-from sslprobe._batch import MISSING, Locator, describe, locate
+from sslprobe._batch import Locator, features_of, target_of
 from sslprobe._distributed import all_gather_cat, world_size
 from sslprobe._metrics import MetricsSpec, Top1Accuracy, normalize_metrics
-from sslprobe.callbacks.base import check_name, ensure_containers
+from sslprobe.callbacks.base import cached_state_key, check_name, ensure_containers
 from sslprobe.callbacks.online_probe import _STAGE_KEY, _STAGE_PREFIX, _reset, _validate_locator
 from sslprobe.probes.knn import knn_predict
 
@@ -102,11 +102,7 @@ class OnlineKNN(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # Lightning reads this for every hook of every step (profiler labels): build the string once.
-        key = self.__dict__.get("_state_key")
-        if key is None:
-            key = self.__dict__["_state_key"] = self._generate_state_key(name=self.name)
-        return key
+        return cached_state_key(self)
 
     @property
     def bank_size(self) -> int:
@@ -250,18 +246,9 @@ class OnlineKNN(Callback):
             _reset(metric)
 
     def _locate(self, outputs: Any, batch: Any) -> tuple[Tensor, Tensor]:
-        features = locate(self.input, [outputs, batch], outputs, batch)
-        if features is MISSING:
-            raise RuntimeError(
-                f"{self._owner}: input key {self.input!r} is in neither the step outputs ({describe(outputs)}) nor "
-                f"the batch ({describe(batch)}). Pass one of them as input=."
-            )
-        labels = locate(self.target, [batch, outputs], outputs, batch)
-        if labels is MISSING:
-            raise RuntimeError(
-                f"{self._owner}: target key {self.target!r} is in neither the batch ({describe(batch)}) nor the step "
-                f"outputs ({describe(outputs)}). Pass one of them as target=."
-            )
+        features = features_of(self.input, outputs, batch, self._owner)
+        labels = target_of(self.target, outputs, batch, self._owner)
+        assert labels is not None  # required=True raises instead
         if labels.is_floating_point():
             raise RuntimeError(f"{self._owner}: kNN needs integer class labels, got {labels.dtype}. Use .long().")
         return features, labels

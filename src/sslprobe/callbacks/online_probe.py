@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor, nn
 from typing_extensions import override
 
-from sslprobe._batch import MISSING, Locator, describe, locate
+from sslprobe._batch import Locator, features_of, target_of
 from sslprobe._build import ModuleSpec, has_uninitialized_params
 from sslprobe._distributed import all_reduce_mean_, world_size
 from sslprobe._metrics import MetricsSpec, Top1Accuracy, normalize_metrics
@@ -302,28 +302,10 @@ class OnlineProbe(TrainableCallback):
             metric.update(preds, target)
 
     def _features(self, outputs: Any, batch: Any) -> Tensor:
-        value = locate(self.input, [outputs, batch], outputs, batch)
-        if value is MISSING:
-            raise RuntimeError(
-                f"{self._owner}: input key {self.input!r} is in neither the step outputs ({describe(outputs)}) nor "
-                f"the batch ({describe(batch)}). Pass one of them as input=, or return the features from your step."
-            )
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{self._owner}: input {self.input!r} is a {type(value).__name__}, expected a Tensor.")
-        return value
+        return features_of(self.input, outputs, batch, self._owner)
 
     def _target(self, outputs: Any, batch: Any, *, required: bool) -> Tensor | None:
-        value = locate(self.target, [batch, outputs], outputs, batch)
-        if value is MISSING or value is None:
-            if not required:
-                return None
-            raise RuntimeError(
-                f"{self._owner}: target key {self.target!r} is in neither the batch ({describe(batch)}) nor the step "
-                f"outputs ({describe(outputs)}). Pass one of them as target=."
-            )
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{self._owner}: target {self.target!r} is a {type(value).__name__}, expected a Tensor.")
-        return value
+        return target_of(self.target, outputs, batch, self._owner, required=required)
 
     def _forward(self, probe: nn.Module, features: Tensor, stage: str) -> Tensor:
         reference = _first_param(probe)
