@@ -121,8 +121,9 @@ def normalize_metrics(spec: MetricsSpec, owner: str, default: dict[str, Metric] 
     if spec is None:
         spec = default or {}
     if isinstance(spec, Mapping) and not isinstance(spec, MetricCollection) and spec and set(spec) <= set(_SPLIT_KEYS):
-        train = _plain(spec.get("train"), owner)
-        val = _plain(spec.get("val"), owner)
+        # Copies even here: the same object given for both sides must not mix training and eval batches.
+        train = {name: copy.deepcopy(m) for name, m in _plain(spec.get("train"), owner).items()}
+        val = {name: copy.deepcopy(m) for name, m in _plain(spec.get("val"), owner).items()}
     else:
         train = _plain(spec, owner)
         val = {name: copy.deepcopy(metric) for name, metric in train.items()}

@@ -65,3 +65,15 @@ def test_errors():
     knn = OnlineKNN(model, "knn", "embedding", lambda out, b: b["label"].float())
     with pytest.raises(RuntimeError, match=r"kNN needs integer class labels"):
         make_trainer(max_epochs=1, callbacks=[knn]).fit(model, dict_loader())
+
+
+def test_test_without_labels_warns_and_logs_nothing():
+    model = make_module(optim=None)
+    knn = OnlineKNN(model, "knn", "embedding", "label", k=3)
+    trainer = make_trainer(max_epochs=1, callbacks=[knn])
+    trainer.fit(model, dict_loader())
+    x, _ = make_xy(16)
+    unlabeled = torch.utils.data.DataLoader([{"x": x[i]} for i in range(16)], batch_size=8)
+    with pytest.warns(UserWarning, match="hold no target"):
+        results = trainer.test(model, unlabeled)
+    assert "test/knn_top1" not in results[0]

@@ -693,9 +693,7 @@ def test_float_and_out_of_range_targets():
         make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
     model = make_module()
     probe = OnlineProbe(model, "linear", "embedding", "label", probe=nn.Linear(D_EMB, 2))
-    with pytest.raises(
-        RuntimeError, match=r"class indices in \[0, 2\).*got values in \[0, 2\]. Give the probe 3 outputs"
-    ):
+    with pytest.raises(RuntimeError, match=r"class indices in \[0, 2\).*got values up to 2. Give the probe 3 outputs"):
         make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
 
 
@@ -805,3 +803,75 @@ def test_works_with_standalone_pytorch_lightning(tmp_path):
     assert probe.stepper.steps == 12
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert probe.state_key in ckpt["callbacks"]
+
+
+def test_names_are_unique_across_probe_kinds():
+    from sslprobe.callbacks import OnlineKNN, ProbeSweep
+
+    model = make_module()
+    OnlineKNN(model, "x", "embedding", "label")
+    with pytest.raises(ValueError, match=r"OnlineProbe\(name='x'\): the name 'x' is already used"):
+        OnlineProbe(model, "x", "embedding", "label", probe=linear_probe())
+    with pytest.raises(ValueError, match=r"ProbeSweep\(name='x'\): the name 'x' is already used"):
+        ProbeSweep(model, "x", "embedding", "label", num_classes=NUM_CLASSES)
+    OnlineProbe(model, "y", "embedding", "label", probe=linear_probe())
+    with pytest.raises(ValueError, match=r"OnlineKNN\(name='y'\): the name 'y' is already used"):
+        OnlineKNN(model, "y", "embedding", "label")
+
+
+def test_split_form_with_one_metric_object_keeps_train_and_eval_apart():
+    model = make_module(optim=None)
+    acc = torchmetrics.classification.MulticlassAccuracy(NUM_CLASSES, average="micro")
+    probe = OnlineProbe(
+        model,
+        "p",
+        "embedding",
+        "label",
+        probe=linear_probe(),
+        optimizer={"type": "SGD", "lr": 0.1},
+        metrics={"train": {"acc": acc}, "val": {"acc": acc}},
+    )
+    trainer = make_trainer(max_epochs=1, callbacks=[probe])
+    trainer.fit(model, dict_loader(), dict_loader(n=24, seed=1))
+    x, y = make_xy(24, seed=1)
+    with torch.no_grad():
+        expected = (model.callbacks_modules["p"](model.backbone(x)).argmax(-1) == y).float().mean().item()
+    assert trainer.callback_metrics["eval/p_acc"].item() == pytest.approx(expected)
+    assert "train/p_acc" in trainer.callback_metrics
+
+
+def test_train_loss_reaches_the_logger_at_its_cadence(tmp_path):
+    import csv
+
+    model = make_module()
+    probe = OnlineProbe(model, "p", "embedding", "label", probe=linear_probe())
+    logger = CSVLogger(tmp_path, name="run")
+    make_trainer(max_epochs=2, callbacks=[probe], logger=logger, log_every_n_steps=4).fit(model, dict_loader())
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle) if row.get("train/p_loss")]
+    assert steps == [3, 7, 11]  # every 4th of the 12 steps, as Lightning logs an on_step value
+
+
+def test_target_shape_and_negative_label_errors():
+    model = make_module()
+    probe = OnlineProbe(model, "p", "embedding", lambda out, b: b["label"].view(-1, 1), probe=linear_probe())
+    with pytest.raises(RuntimeError, match=r"one class index per sample, a target of shape \(8,\), got \(8, 1\)"):
+        make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+    model = make_module()
+    probe = OnlineProbe(model, "p", "embedding", lambda out, b: b["label"] - 1, probe=linear_probe())
+    with pytest.raises(RuntimeError, match=r"got a negative one \(-1\)"):
+        make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+
+
+def test_float16_probe_on_cpu_trains_with_its_own_loss_scale():
+    model = make_module(optim={"type": "SGD", "lr": 1e-3})
+    probe = OnlineProbe(model, "p", "embedding", "label", probe=linear_probe(), optimizer={"type": "SGD", "lr": 0.5})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = make_trainer(max_epochs=3, precision="16-true", callbacks=[probe])
+        trainer.fit(model, dict_loader(), dict_loader(n=24))
+    weight = model.callbacks_modules["p"].weight
+    assert weight.dtype == torch.float16 and torch.isfinite(weight).all()
+    assert probe.stepper._scaling and trainer.callback_metrics["eval/p_top1"] > 0.5
+    skipped = [w for w in caught if "not finite" in str(w.message)]
+    assert all("loss scale settling" in str(w.message) for w in skipped)

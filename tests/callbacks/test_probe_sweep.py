@@ -130,3 +130,34 @@ def test_sweep_optimizer_masks_non_finite_steps():
             a.step(found_inf=torch.tensor(0.0))
             b.step()
         torch.testing.assert_close(w, v, msg=kind)
+
+
+def test_lars_heads_train_like_the_default_lars_probe():
+    from sslprobe import LARS
+
+    model = make_module()
+    sweep = ProbeSweep(
+        model,
+        "sweep",
+        "embedding",
+        "label",
+        num_classes=NUM_CLASSES,
+        lrs=[0.1, 1.0],
+        weight_decays=[0.0, 1e-3],
+        optimizer="LARS",
+    )
+    spy = FeatureSpy()
+    make_trainer(max_epochs=2, callbacks=[spy, sweep]).fit(model, dict_loader())
+    bank = model.callbacks_modules["sweep"]
+    for h, (lr, wd) in enumerate(sweep.grid):
+        probe = LinearProbe(NUM_CLASSES, in_features=D_EMB)
+        opt = LARS(
+            probe.parameters(), lr=lr, momentum=0.9, eta=0.02, clip_lr=True, exclude_bias_n_norm=True, weight_decay=wd
+        )
+        for features, target in spy.seen:
+            loss = F.cross_entropy(probe(features), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.testing.assert_close(bank.weight[h].T, probe.linear.weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bank.bias[h], probe.linear.bias, rtol=1e-4, atol=1e-6)

@@ -59,6 +59,16 @@ def cached_state_key(callback: Callback) -> str:
     return key
 
 
+def check_name_free(name: str, module: nn.Module, owner: str) -> None:
+    """Raise if ``name`` is taken on ``module`` by any probe (a trained one or a kNN)."""
+    taken = list(dict.fromkeys([*module.callbacks_modules, *module.callbacks_metrics]))
+    if name in taken:
+        raise ValueError(
+            f"{owner}: the name {name!r} is already used on this {type(module).__name__} "
+            f"(taken: {', '.join(repr(k) for k in taken)}). Give each probe its own name."
+        )
+
+
 def check_name(name: Any, cls: str) -> str:
     """Check a callback name: a non-empty string without '.', usable as a ModuleDict key and a log name."""
     if not isinstance(name, str) or not name or "." in name:
@@ -152,11 +162,7 @@ class TrainableCallback(Callback):
             )
         self._check_optimizer_forms(optimizer, scheduler, owner)
         callbacks_modules, _ = ensure_containers(module, owner)
-        if name in callbacks_modules:
-            raise ValueError(
-                f"{owner}: the name {name!r} is already used on this {type(module).__name__} "
-                f"(taken: {', '.join(repr(k) for k in callbacks_modules)}). Give each probe its own name."
-            )
+        check_name_free(name, module, owner)
         self._rng = PrivateRNG()
         built = build_module(trainable, self._rng, owner)
         if isinstance(optimizer, Optimizer):
@@ -309,10 +315,15 @@ class TrainableCallback(Callback):
             skipped = self.skipped_batches  # one sync per epoch
             if skipped:
                 self._skip_warned = True
+                scaling = (
+                    " With a float16 probe the first few are its own loss scale settling, which is expected."
+                    if (self._stepper._scaling)
+                    else ""
+                )
                 rank_zero_warn(
-                    f"{self._owner}: skipped {skipped} training batch(es) whose features or loss were not finite; the "
-                    "probe was left unchanged by them. HINT: check the main model for NaN/Inf outputs "
-                    f"(callback.skipped_batches counts them).",
+                    f"{self._owner}: skipped {skipped} training batch(es) whose features, loss or gradients were not "
+                    f"finite; the probe was left unchanged by them.{scaling} HINT: check the main model for NaN/Inf "
+                    "outputs (callback.skipped_batches counts them).",
                     category=RuntimeWarning,
                 )
 

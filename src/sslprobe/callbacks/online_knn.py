@@ -7,17 +7,20 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor, nn
 from typing_extensions import override
 
 from sslprobe._batch import Locator, features_of, target_of
 from sslprobe._distributed import all_gather_cat, world_size
 from sslprobe._metrics import MetricsSpec, Top1Accuracy, normalize_metrics
-from sslprobe.callbacks.base import cached_state_key, check_name, ensure_containers
+from sslprobe.callbacks.base import cached_state_key, check_name, check_name_free, ensure_containers
 from sslprobe.callbacks.online_probe import _STAGE_KEY, _STAGE_PREFIX, _reset, _validate_locator
 from sslprobe.probes.knn import knn_predict
 
 __all__ = ["OnlineKNN"]
+
+warning_cache = WarningCache()
 
 
 class OnlineKNN(Callback):
@@ -82,8 +85,7 @@ class OnlineKNN(Callback):
             raise ValueError(f"{owner}: num_classes must be a positive int or None, got {num_classes!r}.")
         splits = normalize_metrics(metrics, owner)
         _, callbacks_metrics = ensure_containers(module, owner)
-        if name in callbacks_metrics:
-            raise ValueError(f"{owner}: the name {name!r} is already used on this {type(module).__name__}.")
+        check_name_free(name, module, owner)
         callbacks_metrics[name] = nn.ModuleDict(
             {_STAGE_KEY[s]: nn.ModuleDict({"top1": Top1Accuracy(), **splits[s]}) for s in ("val", "test")}
         )
@@ -125,6 +127,7 @@ class OnlineKNN(Callback):
     ) -> None:
         """Push this batch's features and labels into the ring buffer (device copies, no sync)."""
         features, labels = self._locate(outputs, batch)
+        assert labels is not None  # required in training
         self._push(features.detach().reshape(features.shape[0], -1), labels.detach().reshape(-1))
 
     def _push(self, features: Tensor, labels: Tensor) -> None:
@@ -209,7 +212,12 @@ class OnlineKNN(Callback):
         if self._eval_bank is None:
             return  # nothing trained yet: an empty bank has no neighbours
         bank, bank_labels, num_classes = self._eval_bank
-        features, labels = self._locate(outputs, batch)
+        features, labels = self._locate(outputs, batch, required=split == "val")
+        if labels is None:
+            warning_cache.warn(
+                f"{self._owner}: the test batches hold no target {self.target!r}; kNN metrics are not logged."
+            )
+            return
         scores = knn_predict(
             features.detach().reshape(features.shape[0], -1).to(bank.device),
             bank,
@@ -245,11 +253,10 @@ class OnlineKNN(Callback):
                 )
             _reset(metric)
 
-    def _locate(self, outputs: Any, batch: Any) -> tuple[Tensor, Tensor]:
+    def _locate(self, outputs: Any, batch: Any, required: bool = True) -> tuple[Tensor, Tensor | None]:
         features = features_of(self.input, outputs, batch, self._owner)
-        labels = target_of(self.target, outputs, batch, self._owner)
-        assert labels is not None  # required=True raises instead
-        if labels.is_floating_point():
+        labels = target_of(self.target, outputs, batch, self._owner, required=required)
+        if labels is not None and labels.is_floating_point():
             raise RuntimeError(f"{self._owner}: kNN needs integer class labels, got {labels.dtype}. Use .long().")
         return features, labels
 

@@ -344,6 +344,12 @@ class OnlineProbe(TrainableCallback):
                 f"{self._owner}: cross-entropy needs integer class indices as target, got {target.dtype} of shape "
                 f"{tuple(target.shape)}. Convert them with .long(), or pass loss_fn= for another kind of target."
             )
+        if target.ndim != preds.ndim - 1 or target.shape[0] != preds.shape[0]:
+            raise RuntimeError(
+                f"{self._owner}: cross-entropy needs one class index per sample, a target of shape "
+                f"{tuple(preds.shape[:1]) + tuple(preds.shape[2:])}, got {tuple(target.shape)}. Squeeze or flatten it "
+                f"(e.g. target=lambda out, batch: batch[{self.target!r}].view(-1))."
+            )
         if target.numel() == 0 or preds.ndim < 2:
             return
         num_classes = preds.shape[1]
@@ -351,11 +357,15 @@ class OnlineProbe(TrainableCallback):
         if valid.numel() == 0:
             return
         low, high = int(valid.min()), int(valid.max())  # one sync, at the first batch of each stage only
-        if low < 0 or high >= num_classes:
+        if low < 0:
+            raise RuntimeError(
+                f"{self._owner}: targets must be class indices in [0, {num_classes}), got a negative one ({low}). "
+                f"Map the labels to 0..{num_classes - 1}, or mark samples to skip with the loss's ignore_index."
+            )
+        if high >= num_classes:
             raise RuntimeError(
                 f"{self._owner}: targets must be class indices in [0, {num_classes}) for a probe with {num_classes} "
-                f"outputs, got values in [{low}, {high}]. Give the probe {max(high + 1, num_classes)} outputs or fix "
-                "the labels."
+                f"outputs, got values up to {high}. Give the probe {high + 1} outputs or fix the labels."
             )
 
     def _loss_on(self, device: torch.device) -> Any:

@@ -149,7 +149,7 @@ class ProbeSweep(OnlineProbe):
         def build_optimizer(params: list[nn.Parameter]) -> SweepOptimizer:
             weights = [p for p in params if p.ndim == 3]
             biases = [p for p in params if p.ndim != 3]
-            groups = [{"params": weights}, {"params": biases, "decay": False}]
+            groups = [{"params": weights}, {"params": biases, "decay": False, "adapt": False}]
             return SweepOptimizer(
                 [g for g in groups if g["params"]],
                 lrs=[lr for lr, _ in grid],

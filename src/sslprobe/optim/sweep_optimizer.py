@@ -21,10 +21,11 @@ class SweepOptimizer(Optimizer):
     optimizer calls. Every hyper-parameter but the learning rate and weight decay is shared; those two are
     vectors of length ``H`` and act on each head exactly as a separate optimizer with that value would. Weight
     decay applies only to groups with ``decay=True`` (the weights, not the biases). LARS computes one trust ratio
-    per head. ``step(found_inf=...)`` skips the step on the device, leaving parameters and state unchanged.
+    per head, for groups with ``adapt=True`` (biases get the plain gradient, as ``exclude_bias_n_norm`` does).
+    ``step(found_inf=...)`` skips the step on the device, leaving parameters and state unchanged.
 
     Args:
-        params: parameters (or groups; a group may set ``decay=False``), each of shape ``(H, ...)``.
+        params: parameters (or groups; a group may set ``decay=False``, ``adapt=False``), each of shape ``(H, ...)``.
         lrs: learning rates, shape ``(H,)``.
         weight_decays: weight decays, shape ``(H,)``.
         kind: ``"AdamW"``, ``"SGD"`` or ``"LARS"``.
@@ -80,6 +81,7 @@ class SweepOptimizer(Optimizer):
             "eta": eta,
             "clip_lr": clip_lr,
             "decay": True,
+            "adapt": True,
         }
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -163,7 +165,7 @@ class SweepOptimizer(Optimizer):
             return
         else:
             direction = grad
-            if kind == "LARS" and p.ndim > 1:
+            if kind == "LARS" and group["adapt"]:
                 p_norm = p.flatten(1).norm(dim=1).view(view)
                 g_norm = grad.flatten(1).norm(dim=1).view(view)
                 wd_ = wd if wd is not None else torch.zeros_like(lr)
