@@ -615,7 +615,8 @@ def test_bf16_features_into_fp32_probe_under_precision_32():
 # ---------------------------------------------------------------------------------------------- non-finite
 
 
-def test_non_finite_batch_is_skipped_counted_and_warned_once():
+@pytest.mark.parametrize("accumulate", [1, 2, 3])
+def test_non_finite_batch_is_skipped_counted_and_warned_once(accumulate):
     class Poison(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx in (2, 4):
@@ -631,6 +632,7 @@ def test_non_finite_batch_is_skipped_counted_and_warned_once():
             "label",
             probe=nn.Sequential(nn.BatchNorm1d(D_EMB), linear_probe()),
             optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
+            accumulate_grad_batches=accumulate,
         )
         callbacks = [Poison(), probe] if poison else [probe]
         loader = dict_loader()

@@ -379,6 +379,7 @@ class TrainableCallback(Callback):
             gradient_clip_val=self.gradient_clip_val,
             gradient_clip_algorithm=self.gradient_clip_algorithm,
             all_reduce=all_reduce_sum_ if world_size() > 1 else None,
+            world_size=world_size(),
         )
         if self._parked_state is not None:
             self._stepper.load_state_dict(self._parked_state)

@@ -23,11 +23,14 @@ class Stepper:
     """Trains a set of parameters on losses handed to it, one batch at a time, without a host sync.
 
     Each :meth:`backward` takes the gradient of one batch's loss with ``torch.autograd.grad`` (nothing is written
-    to ``.grad``, so another optimizer over the same parameters never sees it), checks it for non-finite values on
-    the device, and adds it to the running sum of the window. Every ``accumulate_grad_batches`` batches
-    :meth:`backward` steps once on the mean gradient of the window's finite batches (summed across processes by
-    ``all_reduce`` first, when given), after clipping; a window with no finite batch changes nothing. Non-finite
-    batches are counted in :attr:`skipped`. Parameters in float16 get their own dynamic loss scale.
+    to ``.grad``, so another optimizer over the same parameters never sees it) and checks it for non-finite values
+    on the device. With ``accumulate_grad_batches=1`` on one process the batch steps at once, or is skipped
+    exactly when it is not finite. Otherwise its gradient joins the window's sum (summed across processes by
+    ``all_reduce`` first, when given) and the parameters step, after clipping, on the mean gradient once the window
+    holds ``accumulate_grad_batches`` finite batches per process: a non-finite batch adds nothing and does not
+    count. Which batch completes a window is decided on the device, so the step is computed every batch and kept
+    only then. ``steps`` and an LR schedule count windows of ``accumulate_grad_batches`` batches on the host.
+    Non-finite batches are counted in :attr:`skipped`. Parameters in float16 get their own dynamic loss scale.
 
     Args:
         params: the parameters to train.
@@ -38,6 +41,7 @@ class Stepper:
         gradient_clip_val: clip threshold, or ``None``.
         gradient_clip_algorithm: ``"norm"`` (total L2 norm) or ``"value"`` (element-wise).
         all_reduce: sums a list of tensors in place across processes, or ``None`` on one process.
+        world_size: the number of processes ``all_reduce`` sums over.
 
     Examples:
         >>> import torch
@@ -64,6 +68,7 @@ class Stepper:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         all_reduce: Callable[[list[Tensor]], None] | None = None,
+        world_size: int = 1,
     ) -> None:
         if gradient_clip_algorithm not in _ALLOWED_CLIP:
             raise ValueError(f"Stepper: gradient_clip_algorithm must be one of {_ALLOWED_CLIP}.")
@@ -75,6 +80,7 @@ class Stepper:
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.all_reduce = all_reduce
+        self.world_size = world_size
         # ConstantLR(factor=1.0), the default, changes nothing: skip its per-step Python work.
         self._steps_scheduler = scheduler is not None and not (
             isinstance(scheduler, torch.optim.lr_scheduler.ConstantLR) and scheduler.factor == 1.0
@@ -131,28 +137,41 @@ class Stepper:
             checked = [*grads, loss.detach().reshape(1)]
             torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._scale)
         self.last_found = found
-        self.batches += 1
-        full = self.batches >= self.accumulate_grad_batches
         if self.direct:
             self._step(grads, found)
+            self._end_window()
             return True
+        # A window: the update waits, on the device, until it holds `accumulate_grad_batches` finite batches (times
+        # the processes); a non-finite batch adds nothing and does not count. The host cannot know when that is
+        # without a sync, so every batch runs a step that the device keeps only when the window is full.
         keep = found == 0
-        if self._sums is None:
-            self._sums = [torch.zeros_like(g) for g in grads]
-        for total, g in zip(self._sums, grads):
-            total.add_(torch.where(keep, g, torch.zeros((), dtype=g.dtype, device=g.device)))
-        self._good += 1.0 - found
-        if not full:
-            return False
-        sums, good = self._sums, self._good
+        zero = torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
+        masked = [torch.where(keep, g, zero) for g in grads]
+        finite = keep.to(torch.float32)
         if self.all_reduce is not None:
-            # One collective carries every gradient sum and the count of finite batches behind them.
-            self.all_reduce([*sums, good])
-        grads = torch._foreach_div(sums, good.clamp(min=1.0))
-        self._step(grads, (good == 0).to(torch.float32))
-        for total in sums:
-            total.zero_()
-        good.zero_()
+            # One collective per batch carries the gradients and the count of finite batches behind them.
+            self.all_reduce([*masked, finite])
+        if self._sums is None:
+            self._sums = [torch.zeros_like(g) for g in masked]
+        torch._foreach_add_(self._sums, masked)
+        self._good.add_(finite)
+        full = self._good >= self.accumulate_grad_batches * self.world_size
+        self._step(torch._foreach_div(self._sums, self._good.clamp(min=1.0)), (~full).to(torch.float32))
+        still_open = (~full).to(self._good.dtype)
+        torch._foreach_mul_(self._sums, still_open)  # sums are finite, so a multiply by 0 or 1 is exact
+        self._good.mul_(still_open)
+        return self._end_window()
+
+    def _end_window(self) -> bool:
+        # Host-side bookkeeping: windows of `accumulate_grad_batches` training batches, which the LR schedule and
+        # `steps` count (the weights follow the device's count of finite batches, above).
+        self.batches += 1
+        if self.batches < self.accumulate_grad_batches:
+            return False
+        self.batches = 0
+        self.steps += 1
+        if self._steps_scheduler and self.interval == "step":
+            self.scheduler.step()
         return True
 
     def _step(self, grads: list[Tensor], skip: Tensor) -> None:
@@ -166,10 +185,6 @@ class Stepper:
         conditional_step(self.optimizer, skip)
         for p in self.params:
             p.grad = None
-        self.batches = 0
-        self.steps += 1
-        if self._steps_scheduler and self.interval == "step":
-            self.scheduler.step()
 
     def epoch_end(self) -> None:
         """Step an epoch-interval scheduler."""
