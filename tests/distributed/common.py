@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sslprobe import Module
+from sslprobe.callbacks import OnlineProbe
 from tests.conftest import DictDataset, make_xy
 
 NUM_CLASSES = 3
@@ -27,6 +28,12 @@ def build_module(trainable: bool) -> Module:
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
     return Module(forward=forward, backbone=backbone, optim={"type": "SGD", "lr": 0.0} if trainable else None)
+
+
+def linear_probe(model: Module, **kwargs: object) -> OnlineProbe:
+    """The linear probe both sides of a comparison build: SGD with momentum unless told otherwise."""
+    options = {"optimizer": {"type": "SGD", "lr": 0.1, "momentum": 0.9}, **kwargs}
+    return OnlineProbe(model, "linear", "embedding", "label", probe=nn.Linear(16, NUM_CLASSES), **options)
 
 
 def loader(n: int, batch_size: int, seed: int = 0) -> DataLoader:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 warnings.filterwarnings("ignore")
 
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep  # noqa: E402
-from tests.distributed.common import NUM_CLASSES, ShardedData, build_module  # noqa: E402
+from tests.distributed.common import NUM_CLASSES, ShardedData, build_module, linear_probe  # noqa: E402
 
 COUNTS = {"collectives": 0}
 
@@ -83,16 +83,7 @@ def weights(model):
 def scenario_train(args):
     """Probes of every kind under DDP: sync after each step, collective counts, metrics, kNN bank."""
     model = build_module(trainable=True)
-    probe = OnlineProbe(
-        model,
-        "linear",
-        "embedding",
-        "label",
-        probe=nn.Linear(16, NUM_CLASSES),
-        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
-        accumulate_grad_batches=2,
-        gradient_clip_val=0.05,
-    )
+    probe = linear_probe(model, accumulate_grad_batches=2, gradient_clip_val=0.05)
     bn_probe = OnlineProbe(model, "bn", "embedding", "label", probe=nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 3)))
     sweep = ProbeSweep(
         model, "sweep", "embedding", "label", num_classes=NUM_CLASSES, lrs=[0.01, 0.1], weight_decays=[0.0]
@@ -123,15 +114,7 @@ def scenario_train(args):
 def scenario_checkpoint(args):
     """Write a checkpoint after one epoch on 2 processes (resumed on 1 by the test), or resume one."""
     model = build_module(trainable=True)
-    probe = OnlineProbe(
-        model,
-        "linear",
-        "embedding",
-        "label",
-        probe=nn.Linear(16, NUM_CLASSES),
-        accumulate_grad_batches=4,
-        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
-    )
+    probe = linear_probe(model, accumulate_grad_batches=4)
     if args.ckpt:
         t = trainer(args.accelerator, [probe], max_epochs=3)
         t.fit(model, datamodule=ShardedData(), ckpt_path=args.ckpt)
@@ -145,9 +128,7 @@ def scenario_checkpoint(args):
 def scenario_frozen(args):
     """A frozen main model (optim=None) under DDP: the probes are the only trainable parameters."""
     model = build_module(trainable=False)
-    probe = OnlineProbe(
-        model, "linear", "embedding", "label", probe=nn.Linear(16, NUM_CLASSES), optimizer={"type": "SGD", "lr": 0.1}
-    )
+    probe = linear_probe(model, optimizer={"type": "SGD", "lr": 0.1})
     before = Before()
     after = After(before)
     t = trainer(args.accelerator, [before, probe, after], max_steps=6)
@@ -165,14 +146,7 @@ def scenario_fsdp(args):
     from lightning.pytorch.strategies import FSDPStrategy
 
     model = build_module(trainable=True)
-    probe = OnlineProbe(
-        model,
-        "linear",
-        "embedding",
-        "label",
-        probe=nn.Linear(16, NUM_CLASSES),
-        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
-    )
+    probe = linear_probe(model)
     before = Before()
     after = After(before)
     strategy = FSDPStrategy(ignored_modules=[model.callbacks_modules])

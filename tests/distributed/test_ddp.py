@@ -12,10 +12,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from sslprobe.callbacks import OnlineProbe
 from sslprobe.probes.knn import knn_predict
 from tests.conftest import make_trainer, make_xy
-from tests.distributed.common import NUM_CLASSES, build_module, loader
+from tests.distributed.common import NUM_CLASSES, build_module, linear_probe, loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ACCELERATOR = os.environ.get("SSLPROBE_TEST_ACCELERATOR", "cpu")
@@ -71,16 +70,7 @@ def test_eval_metrics_cover_the_whole_validation_set(trained):
 
 def test_accumulation_and_clipping_match_one_process_with_the_same_total_batch(trained):
     model = build_module(trainable=True)
-    probe = OnlineProbe(
-        model,
-        "linear",
-        "embedding",
-        "label",
-        probe=nn.Linear(16, NUM_CLASSES),
-        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
-        accumulate_grad_batches=2,
-        gradient_clip_val=0.05,
-    )
+    probe = linear_probe(model, accumulate_grad_batches=2, gradient_clip_val=0.05)
     make_trainer(max_epochs=2, callbacks=[probe]).fit(model, loader(48, batch_size=8))
     for key, value in model.callbacks_modules["linear"].state_dict().items():
         torch.testing.assert_close(trained["weights"][f"linear.{key}"], value, rtol=1e-5, atol=1e-6)
@@ -98,29 +88,13 @@ def test_checkpoint_from_two_processes_resumes_on_one_and_back(tmp_path):
     ckpt = tmp_path / "ddp.ckpt"
     assert ckpt.exists()
     model = build_module(trainable=True)
-    probe = OnlineProbe(
-        model,
-        "linear",
-        "embedding",
-        "label",
-        probe=nn.Linear(16, NUM_CLASSES),
-        accumulate_grad_batches=4,
-        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
-    )
+    probe = linear_probe(model, accumulate_grad_batches=4)
     make_trainer(max_epochs=2, callbacks=[probe]).fit(model, loader(48, batch_size=8), ckpt_path=str(ckpt))
     assert probe.stepper.steps == 3 and probe.stepper.batches == 0  # 1 + (2 + 6) // 4 more steps
 
     one = tmp_path / "one"
     model = build_module(trainable=True)
-    probe = OnlineProbe(
-        model,
-        "linear",
-        "embedding",
-        "label",
-        probe=nn.Linear(16, NUM_CLASSES),
-        accumulate_grad_batches=4,
-        optimizer={"type": "SGD", "lr": 0.1, "momentum": 0.9},
-    )
+    probe = linear_probe(model, accumulate_grad_batches=4)
     saver = ModelCheckpoint(dirpath=one, filename="one")
     make_trainer(max_epochs=1, callbacks=[probe, saver], enable_checkpointing=True).fit(model, loader(48, batch_size=8))
     resumed = run_worker("checkpoint", tmp_path / "resumed.pt", "--ckpt", str(one / "one.ckpt"))
