@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_cat", "all_reduce_mean_", "all_reduce_sum_", "broadcast_", "world_size"]
+__all__ = ["all_gather_cat", "all_reduce_mean_", "all_reduce_sum", "all_reduce_sum_", "broadcast_", "world_size"]
 
 
 def world_size() -> int:
@@ -41,6 +41,16 @@ def all_reduce_sum_(tensors: list[Tensor]) -> None:
     flat = _flat(tensors)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     _unflat_(flat, tensors)
+
+
+@torch.no_grad()
+def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
+    """Sums of ``tensors`` (same dtype and device) over all processes, in one collective, as views of one buffer."""
+    if world_size() == 1 or not tensors:
+        return list(tensors)
+    flat = _flat(tensors)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 @torch.no_grad()

@@ -160,6 +160,23 @@ def scenario_fsdp(args):
     }
 
 
+def scenario_poison(args):
+    """Rank 1 alone sees non-finite features at step 3: both ranks must skip that global batch, identically."""
+
+    class Poison(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 3 and trainer.global_rank == 1:
+                outputs["embedding"] = torch.full_like(outputs["embedding"], float("nan"))
+
+    model = build_module(trainable=True)
+    probe = linear_probe(model, accumulate_grad_batches=2)
+    before = Before()
+    after = After(before)
+    t = trainer(args.accelerator, [Poison(), before, probe, after], max_epochs=1)
+    t.fit(model, datamodule=ShardedData())
+    return {"weights": weights(model), "max_diff": after.max_diff, "skipped": probe.skipped_batches}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")
@@ -171,6 +188,7 @@ def main():
     pl.seed_everything(0, verbose=False)
     scenarios = {"train": scenario_train, "checkpoint": scenario_checkpoint, "frozen": scenario_frozen}
     scenarios["fsdp"] = scenario_fsdp
+    scenarios["poison"] = scenario_poison
     result = scenarios[args.scenario](args)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(result, args.out)

@@ -114,3 +114,17 @@ def test_fsdp_keeps_probes_whole_and_in_sync(tmp_path):
     assert result["steps"] == 12
     assert result["weights"]["linear.weight"].shape == (NUM_CLASSES, 16)  # whole, not a shard
     assert "eval/linear_top1" in result["metrics"]
+
+
+def test_a_non_finite_batch_on_one_rank_skips_the_global_batch_everywhere(tmp_path):
+    from tests.callbacks.test_online_probe import Batches
+
+    result = run_worker("poison", tmp_path / "poison.pt")
+    assert result["max_diff"] == 0.0
+    # one process with the total batch, the poisoned global batch left out
+    model = build_module(trainable=True)
+    probe = linear_probe(model, accumulate_grad_batches=2)
+    batches = Batches([b for i, b in enumerate(loader(48, batch_size=8)) if i != 3])
+    make_trainer(max_epochs=1, callbacks=[probe]).fit(model, batches)
+    for key, value in model.callbacks_modules["linear"].state_dict().items():
+        torch.testing.assert_close(result["weights"][f"linear.{key}"], value, rtol=1e-5, atol=1e-6)

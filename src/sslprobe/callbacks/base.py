@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
 from sslprobe._build import ModuleSpec, build_module, has_uninitialized_params
-from sslprobe._distributed import all_reduce_mean_, all_reduce_sum_, broadcast_, world_size
+from sslprobe._distributed import all_reduce_mean_, all_reduce_sum, broadcast_, world_size
 from sslprobe._rng import PrivateRNG, needs_private_rng
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec, create_optimizer, create_scheduler, split_interval
 from sslprobe.optim.stepper import Stepper
@@ -378,7 +378,7 @@ class TrainableCallback(Callback):
             accumulate_grad_batches=self.accumulate_grad_batches,
             gradient_clip_val=self.gradient_clip_val,
             gradient_clip_algorithm=self.gradient_clip_algorithm,
-            all_reduce=all_reduce_sum_ if world_size() > 1 else None,
+            all_reduce=all_reduce_sum if world_size() > 1 else None,
             world_size=world_size(),
         )
         if self._parked_state is not None:

@@ -25,11 +25,12 @@ class Stepper:
     Each :meth:`backward` takes the gradient of one batch's loss with ``torch.autograd.grad`` (nothing is written
     to ``.grad``, so another optimizer over the same parameters never sees it) and checks it for non-finite values
     on the device. With ``accumulate_grad_batches=1`` on one process the batch steps at once, or is skipped
-    exactly when it is not finite. Otherwise its gradient joins the window's sum (summed across processes by
-    ``all_reduce`` first, when given) and the parameters step, after clipping, on the mean gradient once the window
-    holds ``accumulate_grad_batches`` finite batches per process: a non-finite batch adds nothing and does not
-    count. Which batch completes a window is decided on the device, so the step is computed every batch and kept
-    only then. ``steps`` and an LR schedule count windows of ``accumulate_grad_batches`` batches on the host.
+    exactly when it is not finite. Otherwise its gradient is summed across processes by ``all_reduce`` (when given)
+    into the "global batch" of this step, which joins the window only if every part of it is finite (a non-finite
+    one adds nothing and does not count, as for one process holding the whole batch); the parameters step, after
+    clipping, on the mean gradient once the window holds ``accumulate_grad_batches`` finite global batches. Which
+    batch completes a window is decided on the device, so the step is computed every batch and kept only then.
+    ``steps`` and an LR schedule count windows of ``accumulate_grad_batches`` batches on the host.
     Non-finite batches are counted in :attr:`skipped`. Parameters in float16 get their own dynamic loss scale.
 
     Args:
@@ -40,7 +41,7 @@ class Stepper:
         accumulate_grad_batches: batches per optimizer step.
         gradient_clip_val: clip threshold, or ``None``.
         gradient_clip_algorithm: ``"norm"`` (total L2 norm) or ``"value"`` (element-wise).
-        all_reduce: sums a list of tensors in place across processes, or ``None`` on one process.
+        all_reduce: returns the sums of a list of tensors across processes, or ``None`` on one process.
         world_size: the number of processes ``all_reduce`` sums over.
 
     Examples:
@@ -67,7 +68,7 @@ class Stepper:
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
-        all_reduce: Callable[[list[Tensor]], None] | None = None,
+        all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
         world_size: int = 1,
     ) -> None:
         if gradient_clip_algorithm not in _ALLOWED_CLIP:
@@ -141,22 +142,29 @@ class Stepper:
             self._step(grads, found)
             self._end_window()
             return True
-        # A window: the update waits, on the device, until it holds `accumulate_grad_batches` finite batches (times
-        # the processes); a non-finite batch adds nothing and does not count. The host cannot know when that is
-        # without a sync, so every batch runs a step that the device keeps only when the window is full.
+        # The batch of all processes at this step (the "global batch") counts only when every part of it is finite:
+        # a non-finite one adds nothing and does not count, as for one process with the whole batch. The host cannot
+        # know which without a sync, so each batch runs a step that the device keeps only when a window is full.
         keep = found == 0
         zero = torch.zeros((), dtype=grads[0].dtype, device=grads[0].device)
-        masked = [torch.where(keep, g, zero) for g in grads]
-        finite = keep.to(torch.float32)
+        grads = [torch.where(keep, g, zero) for g in grads]
+        finite = keep.to(grads[0].dtype)
         if self.all_reduce is not None:
-            # One collective per batch carries the gradients and the count of finite batches behind them.
-            self.all_reduce([*masked, finite])
+            # One collective per batch carries the gradients and the number of processes whose batch was finite.
+            *grads, finite = self.all_reduce([*grads, finite])
+        ok = (finite >= self.world_size).to(grads[0].dtype)  # the whole global batch was finite
+        if self.accumulate_grad_batches == 1:
+            # A window of one global batch: step on its mean unless any part of it was not finite.
+            torch._foreach_mul_(grads, ok / self.world_size)  # finite values: the multiply by 0 or 1/W is exact
+            self._step(grads, 1.0 - ok)
+            return self._end_window()
         if self._sums is None:
-            self._sums = [torch.zeros_like(g) for g in masked]
-        torch._foreach_add_(self._sums, masked)
-        self._good.add_(finite)
-        full = self._good >= self.accumulate_grad_batches * self.world_size
-        self._step(torch._foreach_div(self._sums, self._good.clamp(min=1.0)), (~full).to(torch.float32))
+            self._sums = [torch.zeros_like(g) for g in grads]
+        torch._foreach_add_(self._sums, torch._foreach_mul(grads, ok))
+        self._good.add_(ok)
+        full = self._good >= self.accumulate_grad_batches
+        mean = torch._foreach_div(self._sums, self._good.clamp(min=1.0) * self.world_size)
+        self._step(mean, (~full).to(torch.float32))
         still_open = (~full).to(self._good.dtype)
         torch._foreach_mul_(self._sums, still_open)  # sums are finite, so a multiply by 0 or 1 is exact
         self._good.mul_(still_open)
