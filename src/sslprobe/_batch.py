@@ -8,7 +8,17 @@ from typing import Any
 import torch  # noqa: F401  # used by the doctests
 from torch import Tensor
 
-__all__ = ["MISSING", "Locator", "available_keys", "describe", "features_of", "locate", "lookup", "target_of"]
+__all__ = [
+    "MISSING",
+    "Locator",
+    "available_keys",
+    "check_locator",
+    "describe",
+    "features_of",
+    "locate",
+    "lookup",
+    "target_of",
+]
 
 #: Where a value is: a key (or dotted path ``"views.0"``), an index, or ``(outputs, batch) -> value``.
 Locator = str | int | Callable[[Any, Any], Any]
@@ -152,4 +162,21 @@ def target_of(locator: Locator, outputs: Any, batch: Any, owner: str, *, require
         )
     if not isinstance(value, Tensor):
         raise TypeError(f"{owner}: target {locator!r} is a {type(value).__name__}, expected a Tensor.")
+    return value
+
+
+def check_locator(value: Any, arg: str, owner: str) -> Locator:
+    """Check an ``input``/``target`` argument: a non-empty key, an int index, or a callable.
+
+    Examples:
+        >>> check_locator("views.0", "input", "probe")
+        'views.0'
+    """
+    if isinstance(value, bool) or not (isinstance(value, (str, int)) or callable(value)):
+        raise TypeError(
+            f"{owner}: {arg} must be a key or dotted path (str), an index (int), or a callable (outputs, batch) -> "
+            f"Tensor, got {type(value).__name__}."
+        )
+    if isinstance(value, str) and not value:
+        raise ValueError(f"{owner}: {arg} must not be an empty string. Pass the key that holds the {arg}.")
     return value

@@ -11,10 +11,28 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
-__all__ = ["MetricsSpec", "Top1Accuracy", "normalize_metrics", "snake_case"]
+__all__ = [
+    "STAGE_KEY",
+    "STAGE_PREFIX",
+    "MetricsSpec",
+    "Top1Accuracy",
+    "normalize_metrics",
+    "reset_metric",
+    "snake_case",
+]
 
 MetricsSpec = Metric | Sequence[Metric] | Mapping[str, Any] | None
 _SPLIT_KEYS = ("train", "val")
+#: Log prefix of each split.
+STAGE_PREFIX = {"train": "train", "val": "eval", "test": "test"}
+#: Keys inside ``callbacks_metrics[name]``: Lightning's stage names ("train" would clash with ``nn.Module.train``).
+STAGE_KEY = {"train": "fit", "val": "validate", "test": "test"}
+
+
+def reset_metric(metric: torch.nn.Module) -> None:
+    """Reset outside inference mode: states made under Lightning's evaluation could not be updated later."""
+    with torch.inference_mode(False):
+        metric.reset()
 
 
 def snake_case(name: str) -> str:

@@ -11,11 +11,10 @@ from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor, nn
 from typing_extensions import override
 
-from sslprobe._batch import Locator, features_of, target_of
+from sslprobe._batch import Locator, check_locator, features_of, target_of
 from sslprobe._distributed import all_gather_cat, world_size
-from sslprobe._metrics import MetricsSpec, Top1Accuracy, normalize_metrics
+from sslprobe._metrics import STAGE_KEY, STAGE_PREFIX, MetricsSpec, Top1Accuracy, normalize_metrics, reset_metric
 from sslprobe.callbacks.base import cached_state_key, check_name, check_name_free, ensure_containers
-from sslprobe.callbacks.online_probe import _STAGE_KEY, _STAGE_PREFIX, _reset, _validate_locator
 from sslprobe.probes.knn import knn_predict
 
 __all__ = ["OnlineKNN"]
@@ -74,8 +73,8 @@ class OnlineKNN(Callback):
     ) -> None:
         name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
-        input = _validate_locator(input, "input", owner)
-        target = _validate_locator(target, "target", owner)
+        input = check_locator(input, "input", owner)
+        target = check_locator(target, "target", owner)
         for arg, value in (("k", k), ("queue_size", queue_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{owner}: {arg} must be a positive int, got {value!r}.")
@@ -87,7 +86,7 @@ class OnlineKNN(Callback):
         _, callbacks_metrics = ensure_containers(module, owner)
         check_name_free(name, module, owner)
         callbacks_metrics[name] = nn.ModuleDict(
-            {_STAGE_KEY[s]: nn.ModuleDict({"top1": Top1Accuracy(), **splits[s]}) for s in ("val", "test")}
+            {STAGE_KEY[s]: nn.ModuleDict({"top1": Top1Accuracy(), **splits[s]}) for s in ("val", "test")}
         )
         self.name, self.input, self.target = name, input, target
         self.k, self.temperature, self.queue_size, self.num_classes = k, temperature, queue_size, num_classes
@@ -227,7 +226,7 @@ class OnlineKNN(Callback):
             temperature=self.temperature,
         )
         labels = labels.to(scores.device).reshape(-1)
-        for metric in pl_module.callbacks_metrics[self.name][_STAGE_KEY[split]].values():
+        for metric in pl_module.callbacks_metrics[self.name][STAGE_KEY[split]].values():
             metric.update(scores, labels)
 
     @override
@@ -242,16 +241,16 @@ class OnlineKNN(Callback):
 
     def _log(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
         self._eval_bank = None
-        for key, metric in pl_module.callbacks_metrics[self.name][_STAGE_KEY[split]].items():
+        for key, metric in pl_module.callbacks_metrics[self.name][STAGE_KEY[split]].items():
             if metric.update_called and not skip:
                 pl_module.log(
-                    f"{_STAGE_PREFIX[split]}/{self.name}_{key}",
+                    f"{STAGE_PREFIX[split]}/{self.name}_{key}",
                     metric.compute(),
                     on_step=False,
                     on_epoch=True,
                     prog_bar=split == "val",
                 )
-            _reset(metric)
+            reset_metric(metric)
 
     def _locate(self, outputs: Any, batch: Any, required: bool = True) -> tuple[Tensor, Tensor | None]:
         features = features_of(self.input, outputs, batch, self._owner)

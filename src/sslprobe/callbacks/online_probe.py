@@ -11,31 +11,16 @@ from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor, nn
 from typing_extensions import override
 
-from sslprobe._batch import Locator, features_of, target_of
+from sslprobe._batch import Locator, check_locator, features_of, target_of
 from sslprobe._build import ModuleSpec, has_uninitialized_params
 from sslprobe._distributed import all_reduce_mean_, world_size
-from sslprobe._metrics import MetricsSpec, Top1Accuracy, normalize_metrics
+from sslprobe._metrics import STAGE_KEY, STAGE_PREFIX, MetricsSpec, Top1Accuracy, normalize_metrics, reset_metric
 from sslprobe.callbacks.base import TrainableCallback, ensure_containers
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
 
 __all__ = ["OnlineProbe"]
 
 warning_cache = WarningCache()
-
-_STAGE_PREFIX = {"train": "train", "val": "eval", "test": "test"}
-# Keys inside callbacks_metrics[name]: Lightning's stage names ("train" would clash with nn.Module.train).
-_STAGE_KEY = {"train": "fit", "val": "validate", "test": "test"}
-
-
-def _validate_locator(value: Any, arg: str, owner: str) -> Locator:
-    if isinstance(value, bool) or not (isinstance(value, (str, int)) or callable(value)):
-        raise TypeError(
-            f"{owner}: {arg} must be a key or dotted path (str), an index (int), or a callable (outputs, batch) -> "
-            f"Tensor, got {type(value).__name__}."
-        )
-    if isinstance(value, str) and not value:
-        raise ValueError(f"{owner}: {arg} must not be an empty string. Pass the key that holds the {arg}.")
-    return value
 
 
 # The last conversion of features to a probe's dtype/device, shared by the probes that read the same tensor in the
@@ -58,12 +43,6 @@ def _first_param(module: nn.Module) -> Tensor | None:
     for b in module.buffers():
         return b
     return None
-
-
-def _reset(metric: nn.Module) -> None:
-    # States made under inference mode (Lightning's evaluation) could not be updated outside it later.
-    with torch.inference_mode(False):
-        metric.reset()
 
 
 class OnlineProbe(TrainableCallback):
@@ -142,15 +121,14 @@ class OnlineProbe(TrainableCallback):
         metrics: MetricsSpec = None,
     ) -> None:
         owner = f"{type(self).__name__}(name={name!r})"
-        input = _validate_locator(input, "input", owner)
-        target = _validate_locator(target, "target", owner)
+        input = check_locator(input, "input", owner)
+        target = check_locator(target, "target", owner)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(
                 f"{owner}: loss_fn must be callable (preds, target) -> Tensor, got {type(loss_fn).__name__}."
             )
         loss = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
-        default = {"top1": Top1Accuracy()} if isinstance(loss, nn.CrossEntropyLoss) else {}
-        splits = normalize_metrics(metrics, owner, default)
+        metric_modules = self._metric_modules(metrics, loss, owner)
         super().__init__(
             module,
             name,
@@ -162,9 +140,7 @@ class OnlineProbe(TrainableCallback):
             gradient_clip_algorithm=gradient_clip_algorithm,
         )
         _, callbacks_metrics = ensure_containers(module, owner)
-        callbacks_metrics[self.name] = nn.ModuleDict(
-            {_STAGE_KEY[split]: nn.ModuleDict(m) for split, m in splits.items()}
-        )
+        callbacks_metrics[self.name] = metric_modules
         self.input = input
         self.target = target
         self.loss_fn = loss_fn
@@ -172,6 +148,12 @@ class OnlineProbe(TrainableCallback):
         self._loss = loss
         self._loss_device: torch.device | None = None
         self._checked: set[str] = set()
+
+    def _metric_modules(self, metrics: MetricsSpec, loss: Any, owner: str) -> nn.ModuleDict:
+        """``callbacks_metrics[name]``: one ModuleDict of metrics per stage (top-1 by default with cross-entropy)."""
+        default = {"top1": Top1Accuracy()} if isinstance(loss, nn.CrossEntropyLoss) else {}
+        splits = normalize_metrics(metrics, owner, default)
+        return nn.ModuleDict({STAGE_KEY[split]: nn.ModuleDict(m) for split, m in splits.items()})
 
     # ------------------------------------------------------------------ the training loss
 
@@ -255,7 +237,7 @@ class OnlineProbe(TrainableCallback):
         """Log ``eval/{name}_{metric}`` over the whole validation set (all processes)."""
         if trainer.sanity_checking:
             for metric in self._split_metrics(pl_module, "val").values():
-                _reset(metric)
+                reset_metric(metric)
             return
         self._log_metrics(pl_module, "val")
 
@@ -384,15 +366,15 @@ class OnlineProbe(TrainableCallback):
             outputs[key] = preds
 
     def _split_metrics(self, pl_module: pl.LightningModule, split: str) -> nn.ModuleDict:
-        return pl_module.callbacks_metrics[self.name][_STAGE_KEY[split]]
+        return pl_module.callbacks_metrics[self.name][STAGE_KEY[split]]
 
     def _log_metrics(self, pl_module: pl.LightningModule, split: str) -> None:
-        prefix = _STAGE_PREFIX[split]
+        prefix = STAGE_PREFIX[split]
         for name, metric in self._split_metrics(pl_module, split).items():
             if not metric.update_called:
                 continue
             value = metric.compute()  # torchmetrics reduces across processes here, once per epoch
-            _reset(metric)
+            reset_metric(metric)
             pl_module.log(
                 f"{prefix}/{self.name}_{name}",
                 value,

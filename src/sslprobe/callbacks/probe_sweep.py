@@ -14,9 +14,8 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from sslprobe._batch import Locator
-from sslprobe._metrics import MetricsSpec, normalize_metrics
-from sslprobe.callbacks.base import ensure_containers
-from sslprobe.callbacks.online_probe import _STAGE_KEY, _STAGE_PREFIX, OnlineProbe, _reset
+from sslprobe._metrics import STAGE_KEY, STAGE_PREFIX, MetricsSpec, normalize_metrics, reset_metric
+from sslprobe.callbacks.online_probe import OnlineProbe
 from sslprobe.optim.sweep_optimizer import SweepOptimizer
 from sslprobe.probes.linear_bank import LinearHeadBank
 
@@ -174,21 +173,23 @@ class ProbeSweep(OnlineProbe):
             metrics=metrics,
         )
         self.optimizer_kind, self.optimizer_kwargs = kind, shared
-        _, callbacks_metrics = ensure_containers(module, owner)
-        splits = normalize_metrics(metrics, owner)
-        callbacks_metrics[self.name] = nn.ModuleDict(
+        self._head_loss_sum: Tensor | None = None
+        self._head_loss_count = 0
+        self._last_head_losses: Tensor | None = None
+
+    @override
+    def _metric_modules(self, metrics: MetricsSpec, loss: Any, owner: str) -> nn.ModuleDict:
+        num_heads = len(self.grid)
+        return nn.ModuleDict(
             {
-                _STAGE_KEY[split]: nn.ModuleDict(
+                STAGE_KEY[split]: nn.ModuleDict(
                     {"top1": HeadsTop1(num_heads)}
                     if metrics is None
                     else {key: PerHead(metric, num_heads) for key, metric in named.items()}
                 )
-                for split, named in splits.items()
+                for split, named in normalize_metrics(metrics, owner).items()
             }
         )
-        self._head_loss_sum: Tensor | None = None
-        self._head_loss_count = 0
-        self._last_head_losses: Tensor | None = None
 
     @staticmethod
     def _parse_optimizer(optimizer: Any, owner: str) -> tuple[str, dict[str, Any]]:
@@ -254,12 +255,12 @@ class ProbeSweep(OnlineProbe):
 
     @override
     def _log_metrics(self, pl_module: pl.LightningModule, split: str) -> None:
-        prefix = _STAGE_PREFIX[split]
+        prefix = STAGE_PREFIX[split]
         computed: dict[str, Tensor] = {}
         for key, metric in self._split_metrics(pl_module, split).items():
             if metric.update_called:
                 computed[key] = metric.compute()  # (H,), reduced across processes
-                _reset(metric)
+                reset_metric(metric)
         if split == "val" and computed:
             first_key = next(iter(computed))
             first = self._split_metrics(pl_module, split)[first_key]

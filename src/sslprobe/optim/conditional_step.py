@@ -6,8 +6,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sslprobe.optim.lars import LARS
-
 __all__ = ["conditional_step"]
 
 
@@ -18,7 +16,7 @@ def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
     Reading a flag on the host would stall the GPU once per step; instead the step is computed and then kept or
     discarded element-wise. Three paths, fastest first:
 
-    - :class:`~sslprobe.optim.LARS` masks its own update (``step(found_inf=...)``);
+    - :class:`~sslprobe.optim.LARS` and the sweep's optimizer mask their own update (``masked_step(found_inf)``);
     - fused Adam and AdamW (``fused=True``) take ``found_inf`` as ``torch.amp.GradScaler`` passes it;
     - any other optimizer steps on zeroed gradients, then its parameters and tensor state are restored where
       ``skip`` is set. State that the skipped step created is reset to zeros, which is its initial value for
@@ -41,7 +39,7 @@ def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
         >>> w.data
         tensor([0.9000, 0.9000])
     """
-    if isinstance(optimizer, LARS) or getattr(optimizer, "_accepts_found_inf", False):
+    if getattr(optimizer, "_accepts_found_inf", False):
         optimizer.masked_step(skip)  # type: ignore[attr-defined]  # our own optimizers mask on the device
         return
     # Fused SGD is left out on purpose: a skipped first step leaves its momentum buffer uninitialised.

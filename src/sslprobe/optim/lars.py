@@ -12,50 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["LARS", "lars_direction"]
-
-
-def lars_direction(
-    param: Tensor,
-    grad: Tensor,
-    *,
-    lr: float,
-    weight_decay: float,
-    eta: float,
-    clip_lr: bool,
-    eps: float,
-) -> Tensor:
-    """The LARS update direction of one adapted parameter, computed without a host sync.
-
-    Where ``||p||`` and ``||g||`` are both non-zero: ``t = eta * ||p|| / (||g|| + wd * ||p|| + eps)``, with
-    ``clip_lr`` ``t = min(t / lr, 1)``, and the direction is ``(g + wd * p) * t``; elsewhere it is ``g``.
-
-    Args:
-        param: the parameter, any shape.
-        grad: its gradient, same shape.
-        lr: the learning rate (used only by ``clip_lr``).
-        weight_decay: the weight decay folded into the direction.
-        eta: the trust coefficient.
-        clip_lr: whether to cap the trust ratio at ``lr``.
-        eps: added to the denominator.
-
-    Returns:
-        The direction, same shape as ``grad``.
-
-    Examples:
-        >>> import torch
-        >>> p, g = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 2.0])
-        >>> lars_direction(p, g, lr=1.0, weight_decay=0.0, eta=0.1, clip_lr=False, eps=0.0)
-        tensor([0.0000, 0.5000])
-    """
-    p_norm = torch.linalg.vector_norm(param)
-    g_norm = torch.linalg.vector_norm(grad)
-    trust = eta * p_norm / (g_norm + weight_decay * p_norm + eps)
-    if clip_lr:
-        trust = torch.clamp(trust / lr, max=1.0)
-    adapted = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad
-    use_trust = (p_norm > 0) & (g_norm > 0)
-    return torch.where(use_trust, adapted * trust, grad)
+__all__ = ["LARS"]
 
 
 class LARS(Optimizer):
@@ -99,6 +56,8 @@ class LARS(Optimizer):
         >>> w.data
         tensor([[3.0000, 3.5000]])
     """
+
+    _accepts_found_inf = True  # conditional_step calls masked_step(found_inf) directly
 
     def __init__(
         self,
