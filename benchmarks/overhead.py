@@ -9,6 +9,8 @@ Configurations, interleaved round by round (median over rounds), all through the
   plain-1 / -8      the plain LightningModule + 1 / 8 OnlineProbe
   sweep-8 / -16     sslprobe.Module + ProbeSweep with 8 / 16 heads
   lars-1 / -8       sslprobe.Module + OnlineProbes with their default optimizer (LARS)
+  probe-1 / -8      sslprobe.Module + OnlineProbes as the README writes them: LinearProbe (normalisation, then
+                    linear) with the default optimizer (LARS)
 Probes: linear, embedding -> 100 classes, cross-entropy, top-1 metric. Batches are prebuilt on the device.
 
   --device cpu   MLP 512-1024-1024-512, batch 256, fp32
@@ -34,6 +36,7 @@ from torch import nn
 
 from sslprobe import Module
 from sslprobe.callbacks import OnlineProbe, ProbeSweep
+from sslprobe.probes import LinearProbe
 
 NUM_CLASSES = 100
 
@@ -112,7 +115,8 @@ class Plain(pl.LightningModule):
             if self.correct is None:
                 self.correct = torch.zeros((), dtype=torch.long, device=features.device)
             distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-            with torch.autocast(features.device.type, enabled=False):
+            scope = torch.profiler.record_function("floor.step")  # for benchmarks/profile_kernels.py
+            with scope, torch.autocast(features.device.type, enabled=False):
                 for probe, opt in zip(self.hand, self.hand_opts):
                     logits = probe(features)
                     loss = F.cross_entropy(logits, target)
@@ -163,12 +167,13 @@ def build(config: str, backbone: nn.Module, emb: int):
                 weight_decays=[0.0, 5e-4],
             )
         ]
-    # "lars-N": the probes' default optimizer (LARS); otherwise AdamW, as the hand-written floor uses.
-    optimizer = None if kind == "lars" else {"type": "AdamW", "lr": 1e-3}
-    probes = [
-        OnlineProbe(model, f"p{i}", "embedding", "label", probe=nn.Linear(emb, NUM_CLASSES), optimizer=optimizer)
-        for i in range(n)
-    ]
+    # "lars-N" and "probe-N": the probes' default optimizer (LARS); otherwise AdamW, as the hand-written floor uses.
+    optimizer = None if kind in ("lars", "probe") else {"type": "AdamW", "lr": 1e-3}
+
+    def head() -> nn.Module:
+        return LinearProbe(NUM_CLASSES, in_features=emb) if kind == "probe" else nn.Linear(emb, NUM_CLASSES)
+
+    probes = [OnlineProbe(model, f"p{i}", "embedding", "label", probe=head(), optimizer=optimizer) for i in range(n)]
     return model, probes
 
 

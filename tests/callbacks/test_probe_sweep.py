@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sslprobe.callbacks import ProbeSweep
 from sslprobe.probes import LinearProbe
@@ -47,7 +46,7 @@ def test_every_head_trains_like_its_own_probe(kind):
     bank = model.callbacks_modules["sweep"]
     for h, (lr, wd) in enumerate(sweep.grid):
         ref = reference_head(spy.seen, lr, wd, kind)
-        torch.testing.assert_close(bank.weight[h].T, ref.linear.weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bank.weight[h], ref.linear.weight, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(bank.bias[h], ref.linear.bias, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(bank.norm.running_mean, ref.norm.running_mean)
 
@@ -114,24 +113,6 @@ def test_errors(kwargs, match):
         ProbeSweep(make_module(), "s", "embedding", "label", **args)
 
 
-def test_sweep_optimizer_masks_non_finite_steps():
-    from sslprobe.optim.sweep_optimizer import SweepOptimizer
-
-    for kind in ("AdamW", "SGD", "LARS"):
-        w = nn.Parameter(torch.randn(3, 4, 2))
-        v = nn.Parameter(w.detach().clone())
-        a = SweepOptimizer([w], lrs=[0.1, 0.2, 0.3], weight_decays=[0.0, 0.1, 0.2], kind=kind)
-        b = SweepOptimizer([v], lrs=[0.1, 0.2, 0.3], weight_decays=[0.0, 0.1, 0.2], kind=kind)
-        w.grad = torch.full_like(w, float("nan"))
-        a.step(found_inf=torch.tensor(1.0))
-        for _ in range(3):
-            g = torch.randn_like(w)
-            w.grad, v.grad = g.clone(), g.clone()
-            a.step(found_inf=torch.tensor(0.0))
-            b.step()
-        torch.testing.assert_close(w, v, msg=kind)
-
-
 def test_lars_heads_train_like_the_default_lars_probe():
     from sslprobe import LARS
 
@@ -159,5 +140,5 @@ def test_lars_heads_train_like_the_default_lars_probe():
             opt.zero_grad()
             loss.backward()
             opt.step()
-        torch.testing.assert_close(bank.weight[h].T, probe.linear.weight, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bank.weight[h], probe.linear.weight, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(bank.bias[h], probe.linear.bias, rtol=1e-4, atol=1e-6)

@@ -8,9 +8,9 @@ import torch
 from sslprobe.optim import LARS, conditional_step
 
 
-def pair(make_opt):
+def pair(make_opt, shape=(4, 3)):
     torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(4, 3))
+    a = torch.nn.Parameter(torch.randn(*shape))
     b = torch.nn.Parameter(a.detach().clone())
     return a, make_opt([a]), b, make_opt([b])
 
@@ -27,12 +27,13 @@ def pair(make_opt):
     ],
     ids=["adamw-fused", "sgd-fused", "adamw", "sgd-momentum", "rmsprop", "lars"],
 )
-def test_skipped_steps_leave_no_trace(make_opt):
-    a, opt_a, b, opt_b = pair(make_opt)
+@pytest.mark.parametrize("shape", [(4, 3), (100, 2048)], ids=["small", "cut-into-pieces"])
+def test_skipped_steps_leave_no_trace(make_opt, shape):
+    a, opt_a, b, opt_b = pair(make_opt, shape)
     for i in range(4):
-        grad = torch.randn(4, 3)
+        grad = torch.randn(*shape)
         if i in (0, 2):  # a sees two extra NaN steps, masked on the device
-            a.grad = torch.full((4, 3), math.nan)
+            a.grad = torch.full(shape, math.nan)
             conditional_step(opt_a, torch.tensor(1.0))
         a.grad, b.grad = grad.clone(), grad.clone()
         conditional_step(opt_a, torch.tensor(0.0))

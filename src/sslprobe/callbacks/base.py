@@ -287,8 +287,9 @@ class TrainableCallback(Callback):
             module.train()
         was_lazy = self._stepper is None and has_uninitialized_params(module)
         # Running statistics (BatchNorm) change in the forward: keep a copy to undo a non-finite batch.
-        buffers = [] if was_lazy else self._buffers_of(module)
-        saved = [b.clone() for b in buffers]
+        buffers, saved = ([], []) if was_lazy else self._buffers_of(module)
+        if buffers:
+            torch._foreach_copy_(saved, buffers)
         with self._private_rng(module), torch.enable_grad():
             loss = self.compute_loss(trainer, pl_module, outputs, batch, batch_idx)
         if loss is None:
@@ -302,7 +303,7 @@ class TrainableCallback(Callback):
             keep = stepper.last_found == 0
             with torch.no_grad():
                 for buffer, old in zip(buffers, saved):
-                    buffer.copy_(torch.where(keep, buffer, old))
+                    torch.where(keep, buffer, old, out=buffer)
         self._log_loss(trainer, pl_module, loss)
 
     @override
@@ -348,11 +349,13 @@ class TrainableCallback(Callback):
 
     # ------------------------------------------------------------------ internals
 
-    def _buffers_of(self, module: nn.Module) -> list[Tensor]:
+    def _buffers_of(self, module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """The module's buffers, and as many tensors to save them into before each training forward."""
         cached = self.__dict__.get("_buffer_cache")
         if cached is None or cached[0] is not module:
-            cached = self.__dict__["_buffer_cache"] = (module, [b for b in module.buffers() if b.numel()])
-        return cached[1]
+            buffers = [b for b in module.buffers() if b.numel()]
+            cached = self.__dict__["_buffer_cache"] = (module, buffers, [torch.empty_like(b) for b in buffers])
+        return cached[1], cached[2]
 
     def _private_rng(self, module: nn.Module) -> contextlib.AbstractContextManager:
         key = (id(module), module.training)

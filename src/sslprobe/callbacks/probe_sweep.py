@@ -226,7 +226,10 @@ class ProbeSweep(OnlineProbe):
         logits = self._forward(bank, features, "train")  # (H, B, C)
         self._check_target(logits[0], target, "train")
         h, b, c = logits.shape
-        per_head = F.cross_entropy(logits.reshape(h * b, c), target.repeat(h), reduction="none").view(h, b).mean(1)
+        # The bank's (H, B, C) logits are a view of a contiguous (B, H, C) tensor: the loss reads that directly.
+        by_sample = logits.transpose(0, 1).reshape(b * h, c)
+        targets = target.unsqueeze(1).expand(b, h).reshape(b * h)
+        per_head = F.cross_entropy(by_sample, targets, reduction="none").view(b, h).mean(0)
         detached = per_head.detach()
         self._last_head_losses = detached
         self._head_loss_sum = detached.clone() if self._head_loss_sum is None else self._head_loss_sum + detached

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sslprobe.optim._pieces import cut_alike
+
 __all__ = ["conditional_step"]
 
 
@@ -81,13 +83,19 @@ def _fused_adam_step(optimizer: Optimizer, skip: Tensor) -> bool:
         decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         beta1, beta2 = group["betas"]
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        # Flat pieces of every tensor, so the kernel runs on many blocks (see `cut_alike`); the kernel only reads
+        # the step counts, so each piece gets its parameter's counter.
+        (pieces, grads, *moments), counts = cut_alike(
+            [params, [p.grad for p in params], *([state[k] for state in states] for k in keys)]
+        )
         kernel(
-            params,
-            [p.grad for p in params],
-            [state["exp_avg"] for state in states],
-            [state["exp_avg_sq"] for state in states],
-            [state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
-            [state["step"] for state in states],
+            pieces,
+            grads,
+            moments[0],
+            moments[1],
+            moments[2] if group["amsgrad"] else [],
+            [state["step"] for state, count in zip(states, counts) for _ in range(count)],
             amsgrad=group["amsgrad"],
             lr=group["lr"],
             beta1=float(beta1),

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from sslprobe.optim._pieces import cut_alike
 from sslprobe.optim.conditional_step import conditional_step
 
 __all__ = ["Stepper"]
@@ -17,6 +18,7 @@ _ALLOWED_CLIP = ("norm", "value")
 _INIT_SCALE = 2.0**16
 _GROWTH_INTERVAL = 2000
 _HISTORY = 1024
+_CHECK_PIECES = 64
 
 
 class Stepper:
@@ -131,11 +133,13 @@ class Stepper:
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         # One fused kernel flags any NaN/Inf in `found` and divides by the loss scale. Unscaled, the loss itself
         # rides along (multiplied by exactly 1), which saves the separate isfinite of the loss.
+        # The gradients go in as flat pieces, so that the check runs on many blocks (see `cut_alike`).
+        (pieces,), _ = cut_alike([grads], _CHECK_PIECES)
         if self._scaling:
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._scale.reciprocal())
+            torch._amp_foreach_non_finite_check_and_unscale_(pieces, found, self._scale.reciprocal())
             torch._amp_update_scale_(self._scale, self._growth_tracker, found, 2.0, 0.5, _GROWTH_INTERVAL)
         else:
-            checked = [*grads, loss.detach().reshape(1)]
+            checked = [*pieces, loss.detach().reshape(1)]
             torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._scale)
         self.last_found = found
         if self.direct:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
@@ -10,11 +11,15 @@ __all__ = ["LinearHeadBank"]
 
 
 class LinearHeadBank(nn.modules.lazy.LazyModuleMixin, nn.Module):
-    """``num_heads`` linear classifiers on the same features: ``(B, D) -> (H, B, C)`` in one ``baddbmm``.
+    """``num_heads`` linear classifiers on the same features: ``(B, D) -> (H, B, C)`` in one matmul.
 
     Features are normalised once (``BatchNorm1d(affine=False)``, shared by all heads, as in
-    :class:`~sslprobe.probes.LinearProbe`). Weights are one ``(H, D, C)`` tensor starting at zero, so the heads
-    differ only by how they are trained (a hyper-parameter sweep). ``in_features=None`` infers ``D`` lazily.
+    :class:`~sslprobe.probes.LinearProbe`). Weights are one ``(H, C, D)`` tensor starting at zero (head ``h`` is
+    ``weight[h]``, laid out as ``nn.Linear.weight``), so the heads differ only by how they are trained (a
+    hyper-parameter sweep). All heads are one ``(H * C, D)`` matrix, so the forward is a single
+    ``(B, D) x (D, H * C)`` product and the weight gradient another: far faster than ``H`` small batched ones.
+    The output is a ``(H, B, C)`` view of the contiguous ``(B, H, C)`` result. ``in_features=None`` infers
+    ``D`` lazily.
 
     Args:
         num_heads: number of heads ``H``.
@@ -42,19 +47,19 @@ class LinearHeadBank(nn.modules.lazy.LazyModuleMixin, nn.Module):
             self.weight = UninitializedParameter()
         else:
             self.norm = nn.BatchNorm1d(in_features, eps=1e-6, affine=False) if norm else nn.Identity()
-            self.weight = nn.Parameter(torch.zeros(num_heads, in_features, num_classes))
+            self.weight = nn.Parameter(torch.zeros(num_heads, num_classes, in_features))
         self.bias = nn.Parameter(torch.zeros(num_heads, num_classes))
 
     @property
     def in_features(self) -> int | None:
         """The feature size, once known."""
-        return None if isinstance(self.weight, UninitializedParameter) else self.weight.shape[1]
+        return None if isinstance(self.weight, UninitializedParameter) else self.weight.shape[2]
 
     def initialize_parameters(self, features: Tensor) -> None:  # type: ignore[override]
         """Create the zero weights for features of size ``features.shape[-1]`` (the lazy-module hook)."""
         if self.has_uninitialized_params():
             with torch.no_grad():
-                self.weight.materialize((self.num_heads, features.shape[-1], self.num_classes))
+                self.weight.materialize((self.num_heads, self.num_classes, features.shape[-1]))
                 self.weight.zero_()
 
     def forward(self, features: Tensor) -> Tensor:
@@ -62,5 +67,6 @@ class LinearHeadBank(nn.modules.lazy.LazyModuleMixin, nn.Module):
         if features.ndim > 2:
             features = features.flatten(1)
         x = self.norm(features)  # (B, D)
-        h, (b, d) = self.num_heads, x.shape
-        return torch.baddbmm(self.bias.unsqueeze(1), x.unsqueeze(0).expand(h, b, d), self.weight)  # (H, B, C)
+        h, c, d = self.weight.shape
+        logits = F.linear(x, self.weight.view(h * c, d), self.bias.view(h * c))  # (B, H * C)
+        return logits.view(x.shape[0], h, c).transpose(0, 1)  # (H, B, C)

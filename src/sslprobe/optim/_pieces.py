@@ -1,0 +1,55 @@
+"""Cut tensors into flat pieces so that torch's multi-tensor kernels spread a probe over the whole GPU."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+__all__ = ["cut_alike"]
+
+# torch's multi-tensor kernels (`torch._foreach_*`, fused Adam, the AMP non-finite check) give each block one
+# chunk of 65536 elements of one tensor. A probe's weight of 2048 x 100 is four chunks, so four blocks run on a
+# GPU of 132 SMs and the kernel takes ~10 us. Cut into 32 pieces, the same kernel runs 32 blocks and takes ~2 us.
+_CHUNK = 65536
+_MIN_PIECE = 2048  # one pass of a 512-thread block, four elements per thread
+_ALIGN = 64  # elements: keeps every piece 16-byte aligned, so the kernels' vectorised loads still apply
+
+
+def _piece_length(numel: int, pieces: int) -> int | None:
+    if numel < 2 * _MIN_PIECE:
+        return None
+    length = max(_MIN_PIECE, -(-numel // pieces))
+    length = -(-length // _ALIGN) * _ALIGN
+    return None if length >= _CHUNK else length
+
+
+def cut_alike(lists: Sequence[Sequence[Tensor]], pieces: int = 32) -> tuple[list[list[Tensor]], list[int]]:
+    """Cut the i-th tensor of every list the same way into up to ``pieces`` flat views.
+
+    ``lists`` holds tensors updated together element by element (parameters, gradients, moments), each list in
+    the same order and the same shapes position by position. Tensors too small to gain, or not contiguous in all
+    lists, stay whole. Returns the lists of pieces and, per original position, how many pieces it became (to
+    repeat a per-tensor value, such as a step count, once per piece).
+
+    Examples:
+        >>> import torch
+        >>> (params, grads), counts = cut_alike([[torch.zeros(100, 2048)], [torch.ones(100, 2048)]])
+        >>> len(params), counts, params[0].shape
+        (32, [32], torch.Size([6400]))
+        >>> cut_alike([[torch.zeros(10)]])[1]
+        [1]
+    """
+    out: list[list[Tensor]] = [[] for _ in lists]
+    counts: list[int] = []
+    for column in zip(*lists):
+        length = _piece_length(column[0].numel(), pieces)
+        if length is None or not all(t.is_contiguous() and t.shape == column[0].shape for t in column):
+            for target, tensor in zip(out, column):
+                target.append(tensor)
+            counts.append(1)
+            continue
+        for target, tensor in zip(out, column):
+            target.extend(tensor.view(-1).split(length))
+        counts.append(len(out[0]) - sum(counts))
+    return out, counts
