@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # All the GPU work of one device session (run from the repository root on the GPU machine).
-# Usage: bash benchmarks/gpu_session.sh PART    (PART: tests | bench1 | bench2)
+# Usage: bash benchmarks/gpu_session.sh PART    (PART: tests | bench1 | bench2 | one-gpu | two-gpus)
 # Writes logs and JSON under $OUT (or ./gpu-out). NCCL's NVLink multicast stays off (the machine sets it).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -23,5 +23,23 @@ bench1)
 bench2)
     python3 benchmarks/overhead.py --device cuda --backbone resnet50 --devices 2 --rounds 3 --configs none,floor-1,floor-8,module-0,module-1,module-8,sweep-16 --json "$OUT/r50_ddp.json" 2>&1 | tee "$OUT/r50_ddp.log" | grep -v "^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip"
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs none,floor-1,floor-8,module-0,module-1,module-8,sweep-16 --json "$OUT/r50_same_machine.json" 2>&1 | tee "$OUT/r50_1gpu.log" | grep -v "^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip"
+    ;;
+one-gpu)
+    # Everything on one GPU (GPU 0): CUDA tests, matmul layouts, kernel profiles, ResNet-50 and ResNet-18 overhead.
+    FILTER="^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip\|USDT"
+    CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -2
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bank_matmul.py | tee "$OUT/bank_matmul.txt"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/profile_kernels.py --backbone resnet50 --configs floor-1,module-1,lars-1,probe-1,sweep-16 --top 25 2>&1 | grep -v "$FILTER" > "$OUT/prof_r50.txt"
+    grep "##" "$OUT/prof_r50.txt"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs none,floor-1,floor-8,module-0,module-1,module-8,lars-8,probe-1,probe-8,sweep-16 --json "$OUT/r50.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50.txt"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --configs none,floor-1,floor-8,module-1,module-8,probe-8,sweep-16 --json "$OUT/r18.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r18.txt"
+    ;;
+two-gpus)
+    # DDP on 2 GPUs: the distributed tests on NCCL, then overhead under DDP and on one GPU of the same machine.
+    FILTER="^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip\|USDT"
+    SSLPROBE_TEST_ACCELERATOR=gpu python3 -m pytest -q -p no:cacheprovider tests/distributed 2>&1 | tee "$OUT/test_ddp_gpu.log" | tail -3
+    CONFIGS=none,floor-1,floor-8,module-0,module-1,module-8,probe-8,sweep-16
+    python3 benchmarks/overhead.py --device cuda --backbone resnet50 --devices 2 --rounds 3 --configs $CONFIGS --json "$OUT/r50_ddp.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50_ddp.txt"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs $CONFIGS --json "$OUT/r50_1gpu.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50_1gpu.txt"
     ;;
 esac
