@@ -6,13 +6,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sslprobe.optim._pieces import cut_alike
+from sslprobe.optim._pieces import PieceCache, cut_alike
 
-__all__ = ["conditional_step"]
+__all__ = ["conditional_step", "uses_fused_adam"]
 
 
 @torch.no_grad()
-def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
+def conditional_step(optimizer: Optimizer, skip: Tensor, pieces: PieceCache | None = None) -> None:
     """Step ``optimizer`` unless ``skip`` is non-zero, deciding on the device.
 
     Reading a flag on the host would stall the GPU once per step; instead the step is computed and then kept or
@@ -27,6 +27,8 @@ def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
     Args:
         optimizer: the optimizer to step; its parameters' ``.grad`` are set.
         skip: 0-dim tensor on the parameters' device, non-zero to keep everything unchanged.
+        pieces: where given, the fused Adam(W) kernel runs on flat pieces of each tensor (views kept in this
+            cache), which spreads a single large weight over many GPU blocks; the result is bit-identical.
 
     Examples:
         >>> import torch
@@ -45,8 +47,8 @@ def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
         optimizer.masked_step(skip)  # type: ignore[attr-defined]  # our own optimizers mask on the device
         return
     # Fused SGD is left out on purpose: a skipped first step leaves its momentum buffer uninitialised.
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and _is_fused(optimizer):
-        if not _fused_adam_step(optimizer, skip):
+    if uses_fused_adam(optimizer):
+        if not _fused_adam_step(optimizer, skip, pieces):
             optimizer.grad_scale = None  # type: ignore[attr-defined]  # the attributes GradScaler sets
             optimizer.found_inf = skip.to(torch.float32)  # type: ignore[attr-defined]
             try:
@@ -57,7 +59,7 @@ def conditional_step(optimizer: Optimizer, skip: Tensor) -> None:
     _restoring_step(optimizer, skip)
 
 
-def _fused_adam_step(optimizer: Optimizer, skip: Tensor) -> bool:
+def _fused_adam_step(optimizer: Optimizer, skip: Tensor, pieces: PieceCache | None = None) -> bool:
     """The fused Adam(W) kernel called directly, as ``optimizer.step()`` would with ``found_inf=skip``.
 
     ``Optimizer.step`` spends a few hundred microseconds of Python per call (hooks, profiling scopes, grouping
@@ -84,13 +86,14 @@ def _fused_adam_step(optimizer: Optimizer, skip: Tensor) -> bool:
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         beta1, beta2 = group["betas"]
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
-        # Flat pieces of every tensor, so the kernel runs on many blocks (see `cut_alike`); the kernel only reads
-        # the step counts, so each piece gets its parameter's counter.
-        (pieces, grads, *moments), counts = cut_alike(
-            [params, [p.grad for p in params], *([state[k] for state in states] for k in keys)]
+        # With a cache: flat pieces of every tensor, so the kernel runs on many blocks (see `cut_alike`). The
+        # kernel only reads the step counts, so each piece gets its parameter's counter.
+        lists = [params, [p.grad for p in params], *([state[k] for state in states] for k in keys)]
+        (cut, grads, *moments), counts = (
+            cut_alike(lists, cache=pieces) if pieces is not None else (lists, [1] * len(params))
         )
         kernel(
-            pieces,
+            cut,
             grads,
             moments[0],
             moments[1],
@@ -110,8 +113,10 @@ def _fused_adam_step(optimizer: Optimizer, skip: Tensor) -> bool:
     return True
 
 
-def _is_fused(optimizer: Optimizer) -> bool:
-    return any(group.get("fused") for group in optimizer.param_groups)
+def uses_fused_adam(optimizer: Optimizer) -> bool:
+    """Whether :func:`conditional_step` steps ``optimizer`` with torch's fused Adam(W) kernel."""
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and fused
 
 
 def _restoring_step(optimizer: Optimizer, skip: Tensor) -> None:

@@ -12,8 +12,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sslprobe.optim._pieces import cut_alike
-
 __all__ = ["LARS"]
 
 
@@ -143,7 +141,6 @@ class LARS(Optimizer):
                 directions = self._undamped_momentum(params, directions, group, keep)
             elif group["momentum"] != 0:
                 directions = [self._momentum(p, d, group, keep) for p, d in zip(params, directions)]
-            (params, directions), _ = cut_alike([params, directions])  # many blocks (see `cut_alike`)
             torch._foreach_add_(params, directions, alpha=-group["lr"])
 
     def _directions(self, params: list[Tensor], grads: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
@@ -154,7 +151,7 @@ class LARS(Optimizer):
         n = len(adapted)
         # One multi-tensor kernel for every norm, then the trust ratios as one small vector: a handful of kernel
         # launches whatever the number of parameters (a probe steps every batch; launches are its cost).
-        norms = _norms([params[i] for i in adapted] + [grads[i] for i in adapted])
+        norms = torch.stack(torch._foreach_norm([params[i] for i in adapted] + [grads[i] for i in adapted]))
         p_norm, g_norm = norms[:n], norms[n:]  # (A,), (A,)
         denominator = g_norm + wd * p_norm + eps if wd != 0 else g_norm + eps
         trust = (eta / lr) * p_norm / denominator if group["clip_lr"] else eta * p_norm / denominator
@@ -186,9 +183,8 @@ class LARS(Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buffers.append(state["momentum_buffer"])
         factor = momentum if keep is None else torch.where(keep, momentum, 1.0)
-        (buffer_pieces, direction_pieces), _ = cut_alike([buffers, directions])
-        torch._foreach_mul_(buffer_pieces, factor)
-        torch._foreach_add_(buffer_pieces, direction_pieces)
+        torch._foreach_mul_(buffers, factor)
+        torch._foreach_add_(buffers, directions)
         steps = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else list(buffers)
         if keep is None:
             return steps
@@ -227,14 +223,3 @@ class LARS(Optimizer):
                 keep, step, torch.zeros((), dtype=step.dtype, device=step.device)
             )  # a skip moves nothing
         return step
-
-
-def _norms(tensors: list[Tensor]) -> Tensor:
-    """The L2 norm of every tensor, as one vector, in as few kernels as the shapes allow."""
-    (pieces,), counts = cut_alike([tensors])
-    if counts[0] > 1 and all(c == counts[0] for c in counts):
-        # Every tensor became the same number of pieces (one probe weight and its gradient): the norms of the
-        # pieces run on many blocks, and one more small kernel combines them per tensor.
-        piece_norms = torch.stack(torch._foreach_norm(pieces)).view(len(tensors), counts[0])
-        return torch.linalg.vector_norm(piece_norms, dim=1)
-    return torch.stack(torch._foreach_norm(tensors))

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sslprobe.optim._pieces import cut_alike
-from sslprobe.optim.conditional_step import conditional_step
+from sslprobe.optim._pieces import PieceCache, cut_alike
+from sslprobe.optim.conditional_step import conditional_step, uses_fused_adam
 
 __all__ = ["Stepper"]
 
@@ -18,7 +18,6 @@ _ALLOWED_CLIP = ("norm", "value")
 _INIT_SCALE = 2.0**16
 _GROWTH_INTERVAL = 2000
 _HISTORY = 1024
-_CHECK_PIECES = 64
 
 
 class Stepper:
@@ -97,6 +96,10 @@ class Stepper:
         self._slot = 0
         self._good = torch.zeros((), dtype=torch.float32, device=device)
         self._sums: list[Tensor] | None = None
+        # On a GPU, the fused Adam(W) kernel and the non-finite check run on flat pieces of each tensor, which
+        # spreads one probe weight over many blocks (see `cut_alike`); the views of long-lived tensors are kept.
+        cuda = self.params[0].device.type == "cuda"
+        self._pieces = PieceCache() if cuda and uses_fused_adam(optimizer) else None
         self.last_found: Tensor | None = None  # 1.0 when the latest batch was not finite
         self.batches = 0  # batches in the current window
         self.steps = 0  # optimizer steps taken
@@ -133,8 +136,8 @@ class Stepper:
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         # One fused kernel flags any NaN/Inf in `found` and divides by the loss scale. Unscaled, the loss itself
         # rides along (multiplied by exactly 1), which saves the separate isfinite of the loss.
-        # The gradients go in as flat pieces, so that the check runs on many blocks (see `cut_alike`).
-        (pieces,), _ = cut_alike([grads], _CHECK_PIECES)
+        # Where the optimizer's kernel runs on flat pieces (see `cut_alike`), the check takes the same pieces.
+        (pieces,), _ = cut_alike([grads], cache=self._pieces) if self._pieces is not None else ([grads], None)
         if self._scaling:
             torch._amp_foreach_non_finite_check_and_unscale_(pieces, found, self._scale.reciprocal())
             torch._amp_update_scale_(self._scale, self._growth_tracker, found, 2.0, 0.5, _GROWTH_INTERVAL)
@@ -143,9 +146,11 @@ class Stepper:
             torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._scale)
         self.last_found = found
         if self.direct:
-            self._step(grads, found)
+            self._step(grads, found)  # the optimizer takes the pieces the check made, then `_step` releases them
             self._end_window()
             return True
+        if self._pieces is not None:
+            self._pieces.release(grads)  # the window steps on other tensors (sums, masked copies)
         # The batch of all processes at this step (the "global batch") counts only when every part of it is finite:
         # a non-finite one adds nothing and does not count, as for one process with the whole batch. The host cannot
         # know which without a sync, so each batch runs a step that the device keeps only when a window is full.
@@ -194,9 +199,11 @@ class Stepper:
                 torch.nn.utils.clip_grad_norm_(self.params, self.gradient_clip_val, foreach=True)
             else:
                 torch.nn.utils.clip_grad_value_(self.params, self.gradient_clip_val, foreach=True)
-        conditional_step(self.optimizer, skip)
+        conditional_step(self.optimizer, skip, self._pieces)
         for p in self.params:
             p.grad = None
+        if self._pieces is not None:
+            self._pieces.release(grads)
 
     def epoch_end(self) -> None:
         """Step an epoch-interval scheduler."""
@@ -205,6 +212,8 @@ class Stepper:
 
     def to(self, device: torch.device) -> None:
         """Move the stepper's tensors and the optimizer's state to ``device``."""
+        if self._pieces is not None:
+            self._pieces.clear()
         for name in ("_scale", "_growth_tracker", "_skipped", "_good", "_history"):
             setattr(self, name, getattr(self, name).to(device))
         if self._sums is not None:
@@ -234,6 +243,8 @@ class Stepper:
         """Restore a state written by :meth:`state_dict`."""
         device = self.params[0].device
         self.optimizer.load_state_dict(state["optimizer"])
+        if self._pieces is not None:
+            self._pieces.clear()  # the optimizer's state tensors are new
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         accumulated = state.get("accumulated")
