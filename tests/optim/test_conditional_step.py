@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -65,3 +66,29 @@ def test_fused_adam_fast_path_is_the_optimizers_own_step(kind, options):
     for p, q in zip(a, b):
         for key in opt_b.state[q]:
             assert torch.equal(opt_a.state[p][key], opt_b.state[q][key]), key
+
+
+def test_fused_adam_plan_follows_a_loaded_state():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(4, 3))
+    ours = torch.optim.AdamW([a], lr=0.1, fused=True)
+    for _ in range(2):  # the first step builds the state, the second uses (and caches) the direct kernel call
+        a.grad = torch.randn(4, 3)
+        conditional_step(ours, torch.tensor(0.0))
+    # Another run's state, loaded into ours and into a plain twin: the next step must use the loaded moments.
+    donor_param = torch.nn.Parameter(torch.randn(4, 3))
+    donor = torch.optim.AdamW([donor_param], lr=0.1, fused=True)
+    for _ in range(3):
+        donor_param.grad = torch.randn(4, 3)
+        donor.step()
+    twin = torch.nn.Parameter(a.detach().clone())
+    twin_opt = torch.optim.AdamW([twin], lr=0.1, fused=True)
+    ours.load_state_dict(copy.deepcopy(donor.state_dict()))  # a state_dict shares the live tensors
+    twin_opt.load_state_dict(copy.deepcopy(donor.state_dict()))
+    grad = torch.randn(4, 3)
+    a.grad, twin.grad = grad.clone(), grad.clone()
+    conditional_step(ours, torch.tensor(0.0))
+    twin_opt.step()
+    assert torch.equal(a, twin)
+    assert torch.equal(ours.state[a]["exp_avg"], twin_opt.state[twin]["exp_avg"])
+    assert float(ours.state[a]["step"]) == 4.0

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from sslprobe.optim._pieces import PieceCache, cut_alike
 
-__all__ = ["conditional_step", "uses_fused_adam"]
+__all__ = ["conditional_step", "forget_plan", "uses_fused_adam"]
 
 
 @torch.no_grad()
@@ -63,42 +66,35 @@ def _fused_adam_step(optimizer: Optimizer, skip: Tensor, pieces: PieceCache | No
     """The fused Adam(W) kernel called directly, as ``optimizer.step()`` would with ``found_inf=skip``.
 
     ``Optimizer.step`` spends a few hundred microseconds of Python per call (hooks, profiling scopes, grouping
-    tensors by device); a probe steps every batch, so its step calls the same kernels without that. Returns False
-    (and does nothing) where the state does not exist yet or an option needs the regular path.
+    tensors by device); a probe steps every batch, so its step calls the same kernels without that, from a plan
+    of the groups and their state tensors made once. Returns False (and does nothing) where the state does not
+    exist yet or an option needs the regular path.
     """
-    groups = []
-    for group in optimizer.param_groups:
-        if group.get("differentiable") or group.get("capturable") or isinstance(group["lr"], Tensor):
+    plan = _fused_plan(optimizer)
+    if plan is None:
+        return False
+    for group, params, _, _, _ in plan:
+        if isinstance(group["lr"], Tensor) or any(p.grad is None for p in params):
             return False
-        params = [p for p in group["params"] if p.grad is not None]
-        states = [optimizer.state.get(p) for p in params]
-        if any(not state for state in states):
-            return False  # the first step creates the state: let the optimizer do it
-        groups.append((group, params, states))
     found = skip.to(torch.float32)
     # Every group's step counters move in one multi-tensor kernel (and back, for a skipped step, in one more).
-    steps = [state["step"] for _, _, states in groups for state in states]
+    steps = [step for _, _, _, group_steps, _ in plan for step in group_steps]
     torch._foreach_add_(steps, 1)
-    for group, params, states in groups:
-        if not params:
-            continue
-        decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
-        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        beta1, beta2 = group["betas"]
-        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+    for group, params, moments, group_steps, kernel in plan:
         # With a cache: flat pieces of every tensor, so the kernel runs on many blocks (see `cut_alike`). The
         # kernel only reads the step counts, so each piece gets its parameter's counter.
-        lists = [params, [p.grad for p in params], *([state[k] for state in states] for k in keys)]
-        (cut, grads, *moments), counts = (
-            cut_alike(lists, cache=pieces) if pieces is not None else (lists, [1] * len(params))
-        )
+        lists = [params, [p.grad for p in params], *moments]
+        counts = [1] * len(params)
+        if pieces is not None:
+            lists, counts = cut_alike(lists, cache=pieces)
+        beta1, beta2 = group["betas"]
         kernel(
-            cut,
-            grads,
-            moments[0],
-            moments[1],
-            moments[2] if group["amsgrad"] else [],
-            [state["step"] for state, count in zip(states, counts) for _ in range(count)],
+            lists[0],
+            lists[1],
+            lists[2],
+            lists[3],
+            lists[4] if group["amsgrad"] else [],
+            [step for step, count in zip(group_steps, counts) for _ in range(count)],
             amsgrad=group["amsgrad"],
             lr=group["lr"],
             beta1=float(beta1),
@@ -111,6 +107,42 @@ def _fused_adam_step(optimizer: Optimizer, skip: Tensor, pieces: PieceCache | No
         )
     torch._foreach_sub_(steps, [found] * len(steps))
     return True
+
+
+_Plan = list[tuple[dict[str, Any], list[Tensor], list[list[Tensor]], list[Tensor], Callable[..., Any]]]
+
+
+def _fused_plan(optimizer: Optimizer) -> _Plan | None:
+    """Per group: the group, its parameters, their moment tensors, step counts and the kernel; made once.
+
+    Kept with the optimizer's ``state`` object it was read from: ``load_state_dict`` replaces that object (and
+    :func:`forget_plan` is called where the state tensors move), so a stale plan is never used.
+    """
+    cached = optimizer.__dict__.get("_sslprobe_fused_plan")
+    if cached is not None and cached[0] is optimizer.state:
+        return cached[1]
+    plan: _Plan = []
+    for group in optimizer.param_groups:
+        if group.get("differentiable") or group.get("capturable"):
+            return None
+        params = list(group["params"])
+        states = [optimizer.state.get(p) for p in params]
+        if not params:
+            continue
+        if any(not state for state in states):
+            return None  # the first step creates the state: let the optimizer do it
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
+        decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        moments = [[state[key] for state in states] for key in keys]
+        plan.append((group, params, moments, [state["step"] for state in states], kernel))
+    optimizer.__dict__["_sslprobe_fused_plan"] = (optimizer.state, plan)
+    return plan
+
+
+def forget_plan(optimizer: Optimizer) -> None:
+    """Drop the cached plan of :func:`conditional_step` (after the optimizer's state tensors were replaced)."""
+    optimizer.__dict__.pop("_sslprobe_fused_plan", None)
 
 
 def uses_fused_adam(optimizer: Optimizer) -> bool:

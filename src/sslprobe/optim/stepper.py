@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from sslprobe.optim._pieces import PieceCache, cut_alike
-from sslprobe.optim.conditional_step import conditional_step, uses_fused_adam
+from sslprobe.optim.conditional_step import conditional_step, forget_plan, uses_fused_adam
 
 __all__ = ["Stepper"]
 
@@ -214,6 +214,7 @@ class Stepper:
         """Move the stepper's tensors and the optimizer's state to ``device``."""
         if self._pieces is not None:
             self._pieces.clear()
+        forget_plan(self.optimizer)  # the state tensors below are replaced
         for name in ("_scale", "_growth_tracker", "_skipped", "_good", "_history"):
             setattr(self, name, getattr(self, name).to(device))
         if self._sums is not None:
