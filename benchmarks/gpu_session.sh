@@ -31,8 +31,8 @@ one-gpu)
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bank_matmul.py | tee "$OUT/bank_matmul.txt"
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/profile_kernels.py --backbone resnet50 --configs floor-1,module-1,lars-1,probe-1,sweep-16 --top 25 2>&1 | grep -v "$FILTER" > "$OUT/prof_r50.txt"
     grep "##" "$OUT/prof_r50.txt"
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs none,floor-1,floor-8,module-0,module-1,module-8,lars-8,probe-1,probe-8,sweep-16 --json "$OUT/r50.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50.txt"
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --configs none,floor-1,floor-8,module-1,module-8,probe-8,sweep-16 --json "$OUT/r18.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r18.txt"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs none,floor-1,floor-8,module-0,module-1,module-8,whole-8,lars-8,probe-1,probe-8,sweep-16 --json "$OUT/r50.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50.txt"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --configs none,floor-1,floor-8,module-1,module-8,whole-8,probe-8,sweep-16 --json "$OUT/r18.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r18.txt"
     ;;
 two-gpus)
     # DDP on 2 GPUs: the distributed tests on NCCL, then overhead under DDP and on one GPU of the same machine.

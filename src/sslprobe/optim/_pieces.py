@@ -57,9 +57,9 @@ class PieceCache:
 
 
 def cut_alike(
-    lists: Sequence[Sequence[Tensor]], pieces: int = PIECES, cache: PieceCache | None = None
+    lists: Sequence[Sequence[Tensor]], pieces: int | None = None, cache: PieceCache | None = None
 ) -> tuple[list[list[Tensor]], list[int]]:
-    """Cut the i-th tensor of every list the same way into up to ``pieces`` flat views.
+    """Cut the i-th tensor of every list the same way into up to ``pieces`` (default ``PIECES``) flat views.
 
     ``lists`` holds tensors updated together element by element (parameters, gradients, moments), each list in
     the same order and the same shapes position by position. Tensors too small to gain, or not contiguous in all
@@ -74,6 +74,7 @@ def cut_alike(
         >>> cut_alike([[torch.zeros(10)]])[1]
         [1]
     """
+    pieces = PIECES if pieces is None else pieces
     out: list[list[Tensor]] = [[] for _ in lists]
     counts: list[int] = []
     for column in zip(*lists):
