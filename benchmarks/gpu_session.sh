@@ -38,8 +38,7 @@ two-gpus)
     # DDP on 2 GPUs: the distributed tests on NCCL, then overhead under DDP and on one GPU of the same machine.
     FILTER="^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip\|USDT"
     SSLPROBE_TEST_ACCELERATOR=gpu python3 -m pytest -q -p no:cacheprovider tests/distributed 2>&1 | tee "$OUT/test_ddp_gpu.log" | tail -3
-    CONFIGS=none,floor-1,floor-8,module-0,module-1,module-8,probe-8,sweep-16
-    python3 benchmarks/overhead.py --device cuda --backbone resnet50 --devices 2 --rounds 3 --configs $CONFIGS --json "$OUT/r50_ddp.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50_ddp.txt"
-    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs $CONFIGS --json "$OUT/r50_1gpu.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50_1gpu.txt"
+    python3 benchmarks/overhead.py --device cuda --backbone resnet50 --devices 2 --rounds 3 --configs none,floor-1,floor-8,module-0,module-1,module-8,sweep-16 --json "$OUT/r50_ddp.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50_ddp.txt"
+    CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs none,floor-1,floor-8,module-1,module-8,sweep-16 --json "$OUT/r50_1gpu.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50_1gpu.txt"
     ;;
 esac
