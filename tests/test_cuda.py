@@ -58,6 +58,8 @@ def test_probe_step_makes_no_host_device_sync():
             gradient_clip_algorithm="value",
         ),
         ProbeSweep(model, "sweep", "embedding", "label", num_classes=NUM_CLASSES, lrs=[0.01, 0.1], weight_decays=[0.0]),
+        # Large enough (16 x 300) for the fused AdamW step to run on flat pieces of a gradient buffer.
+        OnlineProbe(model, "pieces", "embedding", "label", probe=nn.Linear(D_EMB, 300), optimizer="AdamW"),
         OnlineKNN(model, "knn", "embedding", "label", k=3),
     ]
     arm, disarm = SyncGuard(True), SyncGuard(False)
@@ -67,7 +69,8 @@ def test_probe_step_makes_no_host_device_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert arm.guarded == 12, arm.guarded  # batches 2..7 of each of the two epochs ran in "error" mode
-    assert [p.stepper.steps for p in probes[:4]] == [16, 8, 16, 16]
+    assert [p.stepper.steps for p in probes[:5]] == [16, 8, 16, 16, 16]
+    assert probes[4].stepper._pieces is not None and probes[4].stepper._grad_buffers
     assert "eval/knn_top1" in trainer.callback_metrics
 
 

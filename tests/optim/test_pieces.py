@@ -50,10 +50,28 @@ def test_fused_adam_on_pieces_equals_torch_fused_adam_bit_for_bit():
             assert torch.equal(ours.state[p][key], theirs.state[q][key]), key
 
 
+def test_a_stepper_on_pieces_trains_exactly_as_one_on_whole_tensors():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(100, 2048) * 0.01) for _ in range(2)]
+    weights[1].data.copy_(weights[0])
+    steppers = [
+        Stepper([w], torch.optim.AdamW([w], lr=0.01, fused=True), cut_pieces=cut)
+        for w, cut in zip(weights, (True, False))
+    ]
+    x = torch.randn(8, 2048)
+    for i in range(4):
+        if i == 2:
+            x[0, 0] = float("nan")  # one skipped batch
+        for w, stepper in zip(weights, steppers):
+            stepper.backward((x @ w.t()).pow(2).mean())
+        x[0, 0] = 1.0
+    assert torch.equal(weights[0], weights[1])
+    assert int(steppers[0].skipped) == int(steppers[1].skipped) == 1
+
+
 def test_the_stepper_finds_a_non_finite_value_in_the_last_piece_and_keeps_no_gradient():
     w = torch.nn.Parameter(torch.zeros(100, 2048))
-    stepper = Stepper([w], torch.optim.AdamW([w], lr=0.1, fused=True))
-    stepper._pieces = PieceCache()  # as on a GPU
+    stepper = Stepper([w], torch.optim.AdamW([w], lr=0.1, fused=True), cut_pieces=True)  # as on a GPU
     stepper.backward((w[0, 0] - 1.0) ** 2)  # the first step creates Adam's state (the regular path)
     # A finite loss (0) whose gradient is 3e38 + 3e38 = inf at the very last element of the weight only.
     before = w.detach().clone()
@@ -64,4 +82,5 @@ def test_the_stepper_finds_a_non_finite_value_in_the_last_piece_and_keeps_no_gra
     assert int(stepper.skipped) == 1 and float(w[0, 0]) > float(before[0, 0])
     state = stepper.optimizer.state[w]
     kept = {id(t) for t, _, _ in stepper._pieces._views.values()}
-    assert kept == {id(w), id(state["exp_avg"]), id(state["exp_avg_sq"])}  # long-lived tensors only
+    buffer = stepper._grad_buffers[0]  # the gradient is copied into a long-lived buffer, cut once
+    assert kept == {id(w), id(state["exp_avg"]), id(state["exp_avg_sq"]), id(buffer)}  # long-lived tensors only

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import Tensor
 
-__all__ = ["PieceCache", "cut_alike"]
+__all__ = ["PieceCache", "cut_alike", "is_cut"]
 
 # torch's multi-tensor kernels (`torch._foreach_*`, fused Adam, the AMP non-finite check) give each block one
 # chunk of 65536 elements of one tensor. A probe's weight of 2048 x 100 is four chunks, so four blocks run on a
@@ -25,6 +25,11 @@ def _piece_length(numel: int, pieces: int) -> int | None:
     length = max(_MIN_PIECE, -(-numel // pieces))
     length = -(-length // _ALIGN) * _ALIGN
     return None if length >= _CHUNK else length
+
+
+def is_cut(tensor: Tensor, pieces: int | None = None) -> bool:
+    """Whether :func:`cut_alike` cuts a contiguous tensor of this size."""
+    return _piece_length(tensor.numel(), PIECES if pieces is None else pieces) is not None
 
 
 class PieceCache:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sslprobe.optim._pieces import PieceCache, cut_alike
+from sslprobe.optim._pieces import PieceCache, cut_alike, is_cut
 from sslprobe.optim.conditional_step import conditional_step, forget_plan, uses_fused_adam
 
 __all__ = ["Stepper"]
@@ -44,6 +44,8 @@ class Stepper:
         gradient_clip_algorithm: ``"norm"`` (total L2 norm) or ``"value"`` (element-wise).
         all_reduce: returns the sums of a list of tensors across processes, or ``None`` on one process.
         world_size: the number of processes ``all_reduce`` sums over.
+        cut_pieces: run the non-finite check and a fused Adam(W) step on flat pieces of each large tensor (see
+            :func:`~sslprobe.optim._pieces.cut_alike`); ``None`` does so on a GPU with a fused Adam(W) optimizer.
 
     Examples:
         >>> import torch
@@ -71,6 +73,7 @@ class Stepper:
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
         world_size: int = 1,
+        cut_pieces: bool | None = None,
     ) -> None:
         if gradient_clip_algorithm not in _ALLOWED_CLIP:
             raise ValueError(f"Stepper: gradient_clip_algorithm must be one of {_ALLOWED_CLIP}.")
@@ -98,8 +101,16 @@ class Stepper:
         self._sums: list[Tensor] | None = None
         # On a GPU, the fused Adam(W) kernel and the non-finite check run on flat pieces of each tensor, which
         # spreads one probe weight over many blocks (see `cut_alike`); the views of long-lived tensors are kept.
-        cuda = self.params[0].device.type == "cuda"
-        self._pieces = PieceCache() if cuda and uses_fused_adam(optimizer) else None
+        if cut_pieces is None:
+            cut_pieces = self.params[0].device.type == "cuda" and uses_fused_adam(optimizer)
+        self._pieces = PieceCache() if cut_pieces else None
+        self._grad_buffers: dict[int, Tensor] = {}
+        if self._pieces is not None:
+            self._grad_buffers = {
+                i: torch.empty_like(p, memory_format=torch.contiguous_format)
+                for i, p in enumerate(self.params)
+                if is_cut(p)
+            }
         self.last_found: Tensor | None = None  # 1.0 when the latest batch was not finite
         self.batches = 0  # batches in the current window
         self.steps = 0  # optimizer steps taken
@@ -136,8 +147,14 @@ class Stepper:
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         # One fused kernel flags any NaN/Inf in `found` and divides by the loss scale. Unscaled, the loss itself
         # rides along (multiplied by exactly 1), which saves the separate isfinite of the loss.
-        # Where the optimizer's kernel runs on flat pieces (see `cut_alike`), the check takes the same pieces.
-        (pieces,), _ = cut_alike([grads], cache=self._pieces) if self._pieces is not None else ([grads], None)
+        # Where the optimizer's kernel runs on flat pieces (see `cut_alike`), the gradients that are cut are first
+        # copied into long-lived buffers: one copy kernel, where cutting a new tensor into views every step would
+        # cost ~100 us of host time. The check and the optimizer then take the buffers' cached pieces.
+        pieces = grads
+        if self._pieces is not None:
+            for i, buffer in self._grad_buffers.items():
+                grads[i] = buffer.copy_(grads[i])
+            (pieces,), _ = cut_alike([grads], cache=self._pieces)
         if self._scaling:
             torch._amp_foreach_non_finite_check_and_unscale_(pieces, found, self._scale.reciprocal())
             torch._amp_update_scale_(self._scale, self._growth_tracker, found, 2.0, 0.5, _GROWTH_INTERVAL)
@@ -150,7 +167,7 @@ class Stepper:
             self._end_window()
             return True
         if self._pieces is not None:
-            self._pieces.release(grads)  # the window steps on other tensors (sums, masked copies)
+            self._release(grads)  # the window steps on other tensors (sums, masked copies)
         # The batch of all processes at this step (the "global batch") counts only when every part of it is finite:
         # a non-finite one adds nothing and does not count, as for one process with the whole batch. The host cannot
         # know which without a sync, so each batch runs a step that the device keeps only when a window is full.
@@ -203,7 +220,11 @@ class Stepper:
         for p in self.params:
             p.grad = None
         if self._pieces is not None:
-            self._pieces.release(grads)
+            self._release(grads)
+
+    def _release(self, tensors: list[Tensor]) -> None:
+        kept = {id(b) for b in self._grad_buffers.values()}
+        self._pieces.release(t for t in tensors if id(t) not in kept)
 
     def epoch_end(self) -> None:
         """Step an epoch-interval scheduler."""
@@ -214,6 +235,7 @@ class Stepper:
         """Move the stepper's tensors and the optimizer's state to ``device``."""
         if self._pieces is not None:
             self._pieces.clear()
+            self._grad_buffers = {i: b.to(device) for i, b in self._grad_buffers.items()}
         forget_plan(self.optimizer)  # the state tensors below are replaced
         for name in ("_scale", "_growth_tracker", "_skipped", "_good", "_history"):
             setattr(self, name, getattr(self, name).to(device))
