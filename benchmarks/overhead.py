@@ -73,13 +73,6 @@ class Batches:
 
 
 class Timer(pl.Callback):
-    """Time per training step over batches ``warm .. warm + steps``: from the start of the first to the end of the
-    last (after every callback's batch hook, since this callback comes last), with the device synchronised.
-
-    Work done once per epoch (the probes' metric compute and logging) is left out: it is paid once per epoch, and
-    an epoch here is a few dozen batches where a real one has thousands.
-    """
-
     def __init__(self, warm: int, steps: int) -> None:
         self.warm, self.steps, self.ms = warm, steps, float("nan")
 
@@ -92,10 +85,9 @@ class Timer(pl.Callback):
             self._sync(pl_module.device)
             self.start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx == self.warm + self.steps - 1:
-            self._sync(pl_module.device)
-            self.ms = 1000 * (time.perf_counter() - self.start) / self.steps
+    def on_train_end(self, trainer, pl_module):
+        self._sync(pl_module.device)
+        self.ms = 1000 * (time.perf_counter() - self.start) / self.steps
 
 
 def ssl_loss(emb: torch.Tensor) -> torch.Tensor:
