@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sslprobe.optim import LARS, conditional_step
+from sslprobe.optim._pieces import PieceCache
 
 
 def pair(make_opt, shape=(4, 3)):
@@ -31,13 +32,14 @@ def pair(make_opt, shape=(4, 3)):
 @pytest.mark.parametrize("shape", [(4, 3), (100, 2048)], ids=["small", "cut-into-pieces"])
 def test_skipped_steps_leave_no_trace(make_opt, shape):
     a, opt_a, b, opt_b = pair(make_opt, shape)
+    pieces = PieceCache() if shape[0] > 4 else None  # fused Adam(W) then steps on 32 flat pieces of the weight
     for i in range(4):
         grad = torch.randn(*shape)
         if i in (0, 2):  # a sees two extra NaN steps, masked on the device
             a.grad = torch.full(shape, math.nan)
-            conditional_step(opt_a, torch.tensor(1.0))
+            conditional_step(opt_a, torch.tensor(1.0), pieces)
         a.grad, b.grad = grad.clone(), grad.clone()
-        conditional_step(opt_a, torch.tensor(0.0))
+        conditional_step(opt_a, torch.tensor(0.0), pieces)
         opt_b.step()
     torch.testing.assert_close(a, b)
     assert torch.isfinite(a).all()
@@ -92,3 +94,20 @@ def test_fused_adam_plan_follows_a_loaded_state():
     assert torch.equal(a, twin)
     assert torch.equal(ours.state[a]["exp_avg"], twin_opt.state[twin]["exp_avg"])
     assert float(ours.state[a]["step"]) == 4.0
+
+
+def test_fused_adam_plan_follows_a_new_param_group():
+    torch.manual_seed(0)
+    a, c = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    a2, c2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(c.detach().clone())
+    ours, theirs = torch.optim.AdamW([a], lr=0.1, fused=True), torch.optim.AdamW([a2], lr=0.1, fused=True)
+    for step in range(5):
+        if step == 2:  # a group added after the plan was made
+            ours.add_param_group({"params": [c]})
+            theirs.add_param_group({"params": [c2]})
+        grads = [torch.randn(3), torch.randn(3)]
+        a.grad, a2.grad = grads[0].clone(), grads[0].clone()
+        c.grad, c2.grad = grads[1].clone(), grads[1].clone()
+        conditional_step(ours, torch.tensor(0.0))
+        theirs.step()
+    assert torch.equal(a, a2) and torch.equal(c, c2) and not torch.equal(c, c.detach() * 0)

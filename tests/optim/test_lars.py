@@ -85,15 +85,16 @@ def test_zero_gradient_and_zero_weight_use_plain_gradient():
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 @pytest.mark.parametrize("dampening", [0.0, 0.5])
-def test_found_inf_masks_the_step_exactly(momentum, dampening):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_found_inf_masks_the_step_exactly(momentum, dampening, dtype):
     torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(5, 4))
+    a = torch.nn.Parameter(torch.randn(5, 4, dtype=dtype))
     b = torch.nn.Parameter(a.detach().clone())
     opt_a = LARS([a], lr=0.1, momentum=momentum, dampening=dampening, eta=0.02)
     opt_b = LARS([b], lr=0.1, momentum=momentum, dampening=dampening, eta=0.02)
-    grads = [torch.randn(5, 4) for _ in range(3)]
+    grads = [torch.randn(5, 4, dtype=dtype) for _ in range(3)]
     # a: skipped NaN step first, then the real ones (device-masked); b: only the real ones (plain path)
-    a.grad = torch.full((5, 4), math.nan)
+    a.grad = torch.full((5, 4), math.nan, dtype=dtype)
     opt_a.step(found_inf=torch.tensor(1.0))
     assert torch.equal(a, b)
     for grad in grads:

@@ -30,6 +30,21 @@ def test_the_cache_cuts_a_tensor_once_until_released():
     assert fresh[0] is not first[0] and torch.equal(torch.cat(fresh), w.view(-1))
 
 
+def test_the_cache_cuts_again_when_a_tensor_gets_new_memory():
+    cache, w = PieceCache(), torch.nn.Parameter(torch.zeros(100, 2048))
+    first = cache.views(w, 6400)
+    w.data = torch.ones(100, 2048)  # what a move or a cast of the module does to its parameters
+    again = cache.views(w, 6400)
+    assert again[0].data_ptr() == w.data_ptr() != first[0].data_ptr() and bool((again[0] == 1).all())
+
+
+def test_the_cache_stays_bounded_when_tensors_are_never_released():
+    cache = PieceCache()
+    for _ in range(3 * PieceCache._LIMIT):
+        cache.views(torch.zeros(8192), 2048)
+    assert len(cache._views) <= PieceCache._LIMIT
+
+
 def test_fused_adam_on_pieces_equals_torch_fused_adam_bit_for_bit():
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(100, 2048)), torch.nn.Parameter(torch.randn(100))]
@@ -79,8 +94,8 @@ def test_the_stepper_finds_a_non_finite_value_in_the_last_piece_and_keeps_no_gra
     stepper.backward(loss)
     assert torch.isfinite(loss) and int(stepper.skipped) == 1 and torch.equal(w, before)
     stepper.backward((w[0, 0] - 1.0) ** 2)
-    assert int(stepper.skipped) == 1 and float(w[0, 0]) > float(before[0, 0])
+    assert int(stepper.skipped) == 1 and float(w[0, 0].detach()) > float(before[0, 0])
     state = stepper.optimizer.state[w]
-    kept = {id(t) for t, _, _ in stepper._pieces._views.values()}
+    kept = {id(entry[0]) for entry in stepper._pieces._views.values()}
     buffer = stepper._grad_buffers[0]  # the gradient is copied into a long-lived buffer, cut once
     assert kept == {id(w), id(state["exp_avg"]), id(state["exp_avg_sq"]), id(buffer)}  # long-lived tensors only

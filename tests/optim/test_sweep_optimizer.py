@@ -74,3 +74,16 @@ def test_fused_and_tensor_op_adamw_agree(monkeypatch):
     torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-6)
     assert float(s1) == float(s2) == 3.0
+
+
+def test_a_skipped_adamw_step_keeps_even_the_sign_of_zero():
+    w, b = bank()
+    with torch.no_grad():
+        w.view(-1)[::2] = -0.0
+        b.view(-1)[::3] = -0.0
+    before = [w.detach().clone(), b.detach().clone()]
+    opt = sweep(w, b)
+    w.grad, b.grad = torch.full_like(w, float("nan")), torch.full_like(b, float("nan"))
+    opt.step(found_inf=torch.tensor(1.0))
+    for now, then in zip((w, b), before):
+        assert torch.equal(now, then) and torch.equal(torch.signbit(now), torch.signbit(then))

@@ -42,15 +42,21 @@ class PieceCache:
         True
     """
 
+    _LIMIT = 256  # entries; more means tensors were replaced without `release` or `clear`: start afresh
+
     def __init__(self) -> None:
-        self._views: dict[int, tuple[Tensor, int, tuple[Tensor, ...]]] = {}
+        self._views: dict[int, tuple[Tensor, int, int, tuple[Tensor, ...]]] = {}
 
     def views(self, tensor: Tensor, length: int) -> tuple[Tensor, ...]:
         """``tensor`` flattened and split into pieces of ``length`` elements (the last one shorter)."""
         entry = self._views.get(id(tensor))
-        if entry is None or entry[0] is not tensor or entry[1] != length:
-            entry = self._views[id(tensor)] = (tensor, length, tensor.view(-1).split(length))
-        return entry[2]
+        # The same tensor object on the same memory: `param.data = ...` (a move, a cast) gives it new memory.
+        if entry is None or entry[0] is not tensor or entry[1] != length or entry[2] != tensor.data_ptr():
+            if len(self._views) >= self._LIMIT:
+                self._views.clear()
+            entry = (tensor, length, tensor.data_ptr(), tensor.view(-1).split(length))
+            self._views[id(tensor)] = entry
+        return entry[3]
 
     def release(self, tensors: Iterable[Tensor]) -> None:
         """Forget short-lived tensors (a step's gradients), so that the cache does not keep them alive."""

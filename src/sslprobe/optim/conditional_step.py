@@ -115,12 +115,14 @@ _Plan = list[tuple[dict[str, Any], list[Tensor], list[list[Tensor]], list[Tensor
 def _fused_plan(optimizer: Optimizer) -> _Plan | None:
     """Per group: the group, its parameters, their moment tensors, step counts and the kernel; made once.
 
-    Kept with the optimizer's ``state`` object it was read from: ``load_state_dict`` replaces that object (and
-    :func:`forget_plan` is called where the state tensors move), so a stale plan is never used.
+    Kept with the optimizer's ``state`` object it was read from and the number of parameters of each group:
+    ``load_state_dict`` replaces that object, ``add_param_group`` changes the count, and :func:`forget_plan` is
+    called where the state tensors move, so a stale plan is never used.
     """
     cached = optimizer.__dict__.get("_sslprobe_fused_plan")
-    if cached is not None and cached[0] is optimizer.state:
-        return cached[1]
+    shape = tuple(len(group["params"]) for group in optimizer.param_groups)  # changed by add_param_group
+    if cached is not None and cached[0] is optimizer.state and cached[1] == shape:
+        return cached[2]
     plan: _Plan = []
     for group in optimizer.param_groups:
         if group.get("differentiable") or group.get("capturable"):
@@ -136,7 +138,7 @@ def _fused_plan(optimizer: Optimizer) -> _Plan | None:
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         moments = [[state[key] for state in states] for key in keys]
         plan.append((group, params, moments, [state["step"] for state in states], kernel))
-    optimizer.__dict__["_sslprobe_fused_plan"] = (optimizer.state, plan)
+    optimizer.__dict__["_sslprobe_fused_plan"] = (optimizer.state, shape, plan)
     return plan
 
 

@@ -182,7 +182,11 @@ class LARS(Optimizer):
             if state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buffers.append(state["momentum_buffer"])
-        factor = momentum if keep is None else torch.where(keep, momentum, 1.0)
+        # The factor as a tensor in the buffers' precision: a float32 0.9 would round a float64 buffer's step.
+        factor: float | Tensor = momentum
+        if keep is not None:
+            dtype = torch.float64 if any(b.dtype == torch.float64 for b in buffers) else torch.float32
+            factor = torch.where(keep, torch.full((), momentum, dtype=dtype, device=keep.device), 1.0)
         torch._foreach_mul_(buffers, factor)
         torch._foreach_add_(buffers, directions)
         steps = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else list(buffers)

@@ -235,7 +235,9 @@ class Stepper:
         """Move the stepper's tensors and the optimizer's state to ``device``."""
         if self._pieces is not None:
             self._pieces.clear()
-            self._grad_buffers = {i: b.to(device) for i, b in self._grad_buffers.items()}
+            self._grad_buffers = {  # as the parameters are now (a move or a cast replaces their memory)
+                i: torch.empty_like(self.params[i], memory_format=torch.contiguous_format) for i in self._grad_buffers
+            }
         forget_plan(self.optimizer)  # the state tensors below are replaced
         for name in ("_scale", "_growth_tracker", "_skipped", "_good", "_history"):
             setattr(self, name, getattr(self, name).to(device))

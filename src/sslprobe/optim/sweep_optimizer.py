@@ -116,7 +116,8 @@ class SweepOptimizer(Optimizer):
                 if p.grad is None:
                     continue
                 if group["kind"] == "AdamW" and p.device.type in _FUSED_DEVICES and p.dtype in _FUSED_DTYPES:
-                    fused.setdefault((p.device, tuple(group["betas"]), group["eps"]), []).append((group, p))
+                    key = (p.device, p.dtype, tuple(group["betas"]), group["eps"])
+                    fused.setdefault(key, []).append((group, p))
                 else:
                     self._update(p, group, found_inf)
         for entries in fused.values():
@@ -125,7 +126,7 @@ class SweepOptimizer(Optimizer):
     def _fused_adamw(self, entries: list[tuple[dict[str, Any], Tensor]], found_inf: Tensor | None) -> None:
         # The heads share every AdamW hyper-parameter but lr and weight decay, and AdamW's moments do not depend
         # on either. So torch's fused kernel runs once over the whole bank with lr=1 and no decay, writing the
-        # unit update u = -m_hat / (sqrt(v_hat) + eps) into zeroed scratch tensors; each head then takes
+        # unit update u = -m_hat / (sqrt(v_hat) + eps) into scratch tensors of (negative) zeros; each head then takes
         # p * (1 - lr * wd) + lr * u. A skipped step (found_inf set) leaves the moments, the step count and the
         # zeroed scratch as they were, and its decay factor is exactly 1: nothing changes, bit for bit. About
         # twelve passes over the bank in six kernels.
@@ -133,7 +134,9 @@ class SweepOptimizer(Optimizer):
         states = [self._adam_state(p) for p in params]
         scratch = self._scratch(params)
         for buffer in scratch:
-            buffer.zero_()  # one fill over the whole GPU each (a multi-tensor zero runs one block per 64K elements)
+            # Negative zero: x + (-0) is x for every x, -0 included, so a skipped step keeps even the sign of a zero.
+            # One fill over the whole GPU each (a multi-tensor zero runs one block per 64K elements).
+            buffer.fill_(-0.0)
         steps = [state["step"] for state in states]
         torch._foreach_add_(steps, 1.0)
         group = entries[0][0]
