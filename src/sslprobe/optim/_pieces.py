@@ -47,16 +47,21 @@ class PieceCache:
     def __init__(self) -> None:
         self._views: dict[int, tuple[Tensor, int, int, tuple[Tensor, ...]]] = {}
 
-    def views(self, tensor: Tensor, length: int) -> tuple[Tensor, ...]:
-        """``tensor`` flattened and split into pieces of ``length`` elements (the last one shorter)."""
+    def views(self, tensor: Tensor, length: int, like: Tensor | None = None) -> tuple[Tensor, ...] | None:
+        """``tensor`` flattened and split into pieces of ``length`` elements (the last one shorter).
+
+        ``None`` where it cannot be cut so (not contiguous, or not of the shape of ``like``).
+        """
         entry = self._views.get(id(tensor))
         # The same tensor object on the same memory: `param.data = ...` (a move, a cast) gives it new memory.
-        if entry is None or entry[0] is not tensor or entry[1] != length or entry[2] != tensor.data_ptr():
+        if entry is not None and entry[0] is tensor and entry[1] == length and entry[2] == tensor.data_ptr():
+            return entry[3]
+        views = _split(tensor, length, like)
+        if views is not None:
             if len(self._views) >= self._LIMIT:
                 self._views.clear()
-            entry = (tensor, length, tensor.data_ptr(), tensor.view(-1).split(length))
-            self._views[id(tensor)] = entry
-        return entry[3]
+            self._views[id(tensor)] = (tensor, length, tensor.data_ptr(), views)
+        return views
 
     def release(self, tensors: Iterable[Tensor]) -> None:
         """Forget short-lived tensors (a step's gradients), so that the cache does not keep them alive."""
@@ -89,13 +94,26 @@ def cut_alike(
     out: list[list[Tensor]] = [[] for _ in lists]
     counts: list[int] = []
     for column in zip(*lists):
-        length = _piece_length(column[0].numel(), pieces)
-        if length is None or not all(t.is_contiguous() and t.shape == column[0].shape for t in column):
+        first = column[0]
+        length = _piece_length(first.numel(), pieces)
+        cut = None
+        if length is not None:
+            # The checks (contiguous, same shape) run where views are made; a cached tensor was checked then.
+            cut = [cache.views(t, length, first) if cache is not None else _split(t, length, first) for t in column]
+            if any(views is None for views in cut):
+                cut = None
+        if cut is None:
             for target, tensor in zip(out, column):
                 target.append(tensor)
             counts.append(1)
             continue
-        for target, tensor in zip(out, column):
-            target.extend(cache.views(tensor, length) if cache is not None else tensor.view(-1).split(length))
-        counts.append(len(out[0]) - sum(counts))
+        for target, views in zip(out, cut):
+            target.extend(views)
+        counts.append(len(cut[0]))
     return out, counts
+
+
+def _split(tensor: Tensor, length: int, like: Tensor | None) -> tuple[Tensor, ...] | None:
+    if not tensor.is_contiguous() or (like is not None and tensor.shape != like.shape):
+        return None
+    return tensor.view(-1).split(length)
