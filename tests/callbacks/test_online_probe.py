@@ -452,6 +452,42 @@ def test_resume_continues_exactly(tmp_path, accumulate, scheduler):
     assert probe_a.stepper.optimizer.param_groups[0]["lr"] == probe_c.stepper.optimizer.param_groups[0]["lr"]
 
 
+def test_probe_on_pieces_trains_and_resumes_exactly_as_on_whole_tensors(tmp_path, monkeypatch):
+    from sslprobe.optim import stepper as stepper_module
+
+    def run(cut: bool, interrupt_at_epoch: int | None = None, ckpt_path: str | None = None):
+        # On a GPU a fused AdamW probe steps on flat pieces; forced here on the CPU, where the kernel also runs.
+        monkeypatch.setattr(stepper_module, "_cuts_by_default", lambda params, optimizer: cut)
+        model = make_module(optim={"type": "SGD", "lr": 0.05})
+        torch.manual_seed(3)
+        probe = OnlineProbe(model, "wide", "embedding", "label", probe=nn.Linear(D_EMB, 300), optimizer="AdamW")
+        callbacks: list[Callback] = [probe]
+        if interrupt_at_epoch is not None:
+
+            class Interrupt(Callback):
+                def on_train_epoch_end(self, trainer, pl_module):
+                    trainer.should_stop = trainer.current_epoch + 1 >= interrupt_at_epoch
+
+            callbacks += [ModelCheckpoint(dirpath=tmp_path, save_last=True), Interrupt()]
+        make_trainer(max_epochs=3, callbacks=callbacks, enable_checkpointing=interrupt_at_epoch is not None).fit(
+            model, dict_loader(), ckpt_path=ckpt_path
+        )
+        return model, probe
+
+    whole_model, _ = run(cut=False)
+    model, probe = run(cut=True)
+    assert probe.stepper._grad_buffers  # the weight (16 x 300) was cut
+    run(cut=True, interrupt_at_epoch=1)
+    resumed, _ = run(cut=True, ckpt_path=str(tmp_path / "last.ckpt"))
+    for (key, a), b, c in zip(
+        whole_model.state_dict().items(), model.state_dict().values(), resumed.state_dict().values()
+    ):
+        assert torch.equal(a, b) and torch.equal(a, c), key
+    torch.manual_seed(3)
+    initial = nn.Linear(D_EMB, 300).weight
+    assert not torch.allclose(model.callbacks_modules["wide"].weight, initial)  # it trained
+
+
 def test_checkpoint_loads_strictly_into_fresh_module_and_with_weights_only(tmp_path):
     model = make_module()
     probe = OnlineProbe(

@@ -102,7 +102,7 @@ class Stepper:
         # On a GPU, the fused Adam(W) kernel and the non-finite check run on flat pieces of each tensor, which
         # spreads one probe weight over many blocks (see `cut_alike`); the views of long-lived tensors are kept.
         if cut_pieces is None:
-            cut_pieces = self.params[0].device.type == "cuda" and uses_fused_adam(optimizer)
+            cut_pieces = _cuts_by_default(self.params, optimizer)
         self._pieces = PieceCache() if cut_pieces else None
         self._grad_buffers: dict[int, Tensor] = {}
         if self._pieces is not None:
@@ -282,3 +282,8 @@ class Stepper:
         self._slot = 0
         self._scale = state["scale"].to(device)
         self._growth_tracker = state["growth_tracker"].to(device)
+
+
+def _cuts_by_default(params: list[nn.Parameter], optimizer: Optimizer) -> bool:
+    """Pieces pay on a GPU (more blocks per kernel) and for the fused Adam(W) step (which takes them)."""
+    return params[0].device.type == "cuda" and uses_fused_adam(optimizer)
