@@ -105,12 +105,9 @@ class Stepper:
             cut_pieces = _cuts_by_default(self.params, optimizer)
         self._pieces = PieceCache() if cut_pieces else None
         self._grad_buffers: dict[int, Tensor] = {}
+        self._grad_buffer_ids: set[int] = set()
         if self._pieces is not None:
-            self._grad_buffers = {
-                i: torch.empty_like(p, memory_format=torch.contiguous_format)
-                for i, p in enumerate(self.params)
-                if is_cut(p)
-            }
+            self._make_grad_buffers([i for i, p in enumerate(self.params) if is_cut(p)])
         self.last_found: Tensor | None = None  # 1.0 when the latest batch was not finite
         self.batches = 0  # batches in the current window
         self.steps = 0  # optimizer steps taken
@@ -222,9 +219,15 @@ class Stepper:
         if self._pieces is not None:
             self._release(grads)
 
+    def _make_grad_buffers(self, indices: list[int]) -> None:
+        # Shaped, typed and placed as the parameters are now (a move or a cast gives them new memory).
+        self._grad_buffers = {
+            i: torch.empty_like(self.params[i], memory_format=torch.contiguous_format) for i in indices
+        }
+        self._grad_buffer_ids = {id(b) for b in self._grad_buffers.values()}
+
     def _release(self, tensors: list[Tensor]) -> None:
-        kept = {id(b) for b in self._grad_buffers.values()}
-        self._pieces.release(t for t in tensors if id(t) not in kept)
+        self._pieces.release(t for t in tensors if id(t) not in self._grad_buffer_ids)
 
     def epoch_end(self) -> None:
         """Step an epoch-interval scheduler."""
@@ -235,9 +238,7 @@ class Stepper:
         """Move the stepper's tensors and the optimizer's state to ``device``."""
         if self._pieces is not None:
             self._pieces.clear()
-            self._grad_buffers = {  # as the parameters are now (a move or a cast replaces their memory)
-                i: torch.empty_like(self.params[i], memory_format=torch.contiguous_format) for i in self._grad_buffers
-            }
+            self._make_grad_buffers(list(self._grad_buffers))
         forget_plan(self.optimizer)  # the state tensors below are replaced
         for name in ("_scale", "_growth_tracker", "_skipped", "_good", "_history"):
             setattr(self, name, getattr(self, name).to(device))

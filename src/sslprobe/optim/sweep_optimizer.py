@@ -222,10 +222,6 @@ class SweepOptimizer(Optimizer):
         # In place and written so that a skipped step (keep False, grad zeroed) changes nothing, bit for bit:
         # lerp with weight 0 returns its start, a multiply by 1 and an added 0 are exact, a zero step size moves
         # nothing. About ten passes over the weights, where copying and masking new tensors would take twice that.
-        if not state:
-            state["step"] = torch.zeros((), device=p.device)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
         beta1, beta2 = group["betas"]
         kept = torch.ones((), device=p.device) if keep is None else keep.to(torch.float32)
         step = state["step"].add_(kept)
@@ -252,7 +248,7 @@ class SweepOptimizer(Optimizer):
         state = self.state[p]
         kind = group["kind"]
         if kind == "AdamW":
-            self._adamw(p, grad, state, group, lr, wd, keep)
+            self._adamw(p, grad, self._adam_state(p), group, lr, wd, keep)
             return
         else:
             direction = grad
