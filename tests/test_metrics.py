@@ -4,7 +4,14 @@ import pytest
 import torch
 import torchmetrics
 
-from sslprobe._metrics import Top1Accuracy, normalize_metrics, snake_case
+from sslprobe._metrics import (
+    Top1Accuracy,
+    capturable_metric,
+    mark_updated,
+    metric_states,
+    normalize_metrics,
+    snake_case,
+)
 
 
 def test_top1_matches_torchmetrics():
@@ -40,3 +47,35 @@ def test_errors():
 def test_snake_case():
     assert snake_case("MulticlassAccuracy") == "multiclass_accuracy"
     assert snake_case("MeanSquaredError") == "mean_squared_error"
+
+
+def test_top1_reset_keeps_its_state_tensors():
+    # A CUDA graph that updates the counts writes to their memory: a reset must zero them where they are.
+    metric = Top1Accuracy()
+    correct, total = metric.correct, metric.total
+    metric.update(torch.tensor([[0.1, 0.9]]), torch.tensor([1]))
+    assert metric.compute() == 1.0
+    metric.reset()
+    assert metric.correct is correct and metric.total is total
+    assert int(correct) == 0 and int(total) == 0 and not metric.update_called
+    metric.update(torch.tensor([[0.9, 0.1]]), torch.tensor([1]))
+    assert metric.compute() == 0.0
+
+
+def test_capturable_metrics_and_marked_updates():
+    assert capturable_metric(Top1Accuracy())
+    # torchmetrics' classes replace their state tensors at each update (`self.tp = self.tp + tp`).
+    assert not capturable_metric(torchmetrics.classification.MulticlassAccuracy(num_classes=3))
+
+    class InPlaceCat(torchmetrics.CatMetric):
+        updates_in_place = True
+
+    assert not capturable_metric(InPlaceCat())  # a list state grows on the host whatever it says
+    assert not capturable_metric(Top1Accuracy(compute_on_cpu=True))
+    metric = Top1Accuracy()
+    assert [t is s for t, s in zip(metric_states(metric), (metric.correct, metric.total))] == [True, True]
+    metric.correct.add_(3)
+    metric.total.add_(4)
+    assert not metric.update_called
+    mark_updated(metric)  # what a replay of a captured update records
+    assert metric.update_called and metric.compute() == 0.75

@@ -16,6 +16,9 @@ __all__ = [
     "STAGE_PREFIX",
     "MetricsSpec",
     "Top1Accuracy",
+    "capturable_metric",
+    "mark_updated",
+    "metric_states",
     "normalize_metrics",
     "reset_metric",
     "snake_case",
@@ -33,6 +36,38 @@ def reset_metric(metric: torch.nn.Module) -> None:
     """Reset outside inference mode: states made under Lightning's evaluation could not be updated later."""
     with torch.inference_mode(False):
         metric.reset()
+
+
+def capturable_metric(metric: torch.nn.Module) -> bool:
+    """Whether ``metric.update`` can run inside a CUDA graph.
+
+    It must change its tensor states in place (``self.count.add_(n)``, not ``self.count = self.count + n``, which
+    most torchmetrics classes do) and never read a value on the host. A metric says so with a class attribute
+    ``updates_in_place = True``, as :class:`Top1Accuracy` does; any other is updated after each replay instead.
+
+    Examples:
+        >>> import torchmetrics
+        >>> capturable_metric(Top1Accuracy()), capturable_metric(torchmetrics.MeanMetric())
+        (True, False)
+    """
+    return (
+        isinstance(metric, Metric)
+        and getattr(metric, "updates_in_place", False) is True
+        and not metric.compute_on_cpu
+        and all(isinstance(default, Tensor) for default in metric._defaults.values())
+        and hasattr(metric, "_update_count")
+    )
+
+
+def metric_states(metric: Metric) -> list[Tensor]:
+    """The tensors that hold ``metric``'s state (torchmetrics' ``add_state`` table)."""
+    return [getattr(metric, name) for name in metric._defaults]
+
+
+def mark_updated(metric: Metric) -> None:
+    """Record one update of ``metric`` made by a CUDA graph replay (what torchmetrics' update wrapper records)."""
+    metric._computed = None
+    metric._update_count += 1
 
 
 def snake_case(name: str) -> str:
@@ -62,6 +97,7 @@ class Top1Accuracy(Metric):
     """
 
     full_state_update = False
+    updates_in_place = True  # its update can be replayed from a CUDA graph (see `capturable_metric`)
     higher_is_better = True
     is_differentiable = False
     correct: Tensor
@@ -80,6 +116,15 @@ class Top1Accuracy(Metric):
 
     def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp(min=1)
+
+    def reset(self) -> None:
+        """Reset to zero in place, so that a CUDA graph that updates the counts keeps writing to the right memory."""
+        kept = (self.correct, self.total)
+        super().reset()
+        for name, old in zip(("correct", "total"), kept):
+            new = getattr(self, name)
+            if old.device == new.device and not old.is_inference():
+                setattr(self, name, old.copy_(new))
 
 
 def _check_name(name: Any, owner: str) -> str:

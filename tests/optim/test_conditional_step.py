@@ -8,6 +8,7 @@ import torch
 
 from sslprobe.optim import LARS, conditional_step
 from sslprobe.optim._pieces import PieceCache
+from sslprobe.optim.conditional_step import captures_safely
 
 
 def pair(make_opt, shape=(4, 3)):
@@ -111,3 +112,19 @@ def test_fused_adam_plan_follows_a_new_param_group():
         conditional_step(ours, torch.tensor(0.0))
         theirs.step()
     assert torch.equal(a, a2) and torch.equal(c, c2) and not torch.equal(c, c.detach() * 0)
+
+
+def test_captures_safely_only_for_steps_that_change_state_in_place():
+    w = torch.nn.Parameter(torch.ones(4))
+    fused = torch.optim.AdamW([w], lr=0.1, fused=True)
+    assert not captures_safely(fused)  # no state yet: the first step creates it
+    w.grad = torch.ones(4)
+    conditional_step(fused, torch.tensor(0.0))
+    assert captures_safely(fused)
+    fused.param_groups[0]["lr"] = torch.tensor(0.1)
+    assert not captures_safely(fused)  # a tensor rate goes through Optimizer.step
+    assert not captures_safely(torch.optim.AdamW([w], lr=0.1, foreach=True))
+    assert not captures_safely(torch.optim.SGD([w], lr=0.1, momentum=0.9))
+    assert captures_safely(LARS([w], lr=0.1, momentum=0.9))
+    assert not captures_safely(LARS([w], lr=0.1, momentum=0.9, dampening=0.5))
+    assert captures_safely(LARS([w], lr=0.1, momentum=0.0, dampening=0.5))

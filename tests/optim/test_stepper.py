@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from sslprobe.optim import LARS
 from sslprobe.optim.stepper import Stepper
 
 
@@ -102,3 +103,58 @@ def test_state_dict_round_trip_keeps_the_partial_window():
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
     assert s1.steps == s2.steps == 1 and s1.batches == s2.batches == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_device_step_and_end_step_do_what_backward_does(dtype, clip):
+    # The split a CUDA graph captures (device half) and repeats on the host (end_step), against `backward`.
+    torch.manual_seed(0)
+    base = nn.Linear(4, 3).to(dtype)
+    x = torch.randn(6, 8, 4, dtype=dtype)
+    x[2, 0, 0] = math.nan  # one non-finite batch, skipped by both
+    runs = []
+    for split in (False, True):
+        lin = copy.deepcopy(base)
+        stepper = Stepper(list(lin.parameters()), torch.optim.AdamW(lin.parameters(), lr=0.01), gradient_clip_val=clip)
+        found = torch.zeros(())
+        for batch in x:
+            loss = lin(batch).float().pow(2).mean()
+            if split:
+                stepper.device_step(loss, found)
+                stepper.end_step()
+            else:
+                stepper.backward(loss)
+        runs.append((lin, stepper))
+    (eager, eager_stepper), (split_lin, split_stepper) = runs
+    for a, b in zip(eager.parameters(), split_lin.parameters()):
+        assert torch.equal(a, b)
+    assert int(split_stepper.skipped) == int(eager_stepper.skipped) >= 1
+    assert split_stepper.steps == eager_stepper.steps == 6
+    assert torch.equal(split_stepper._scale, eager_stepper._scale)
+
+
+def test_capturable_needs_a_direct_step_a_fixed_rate_and_an_in_place_optimizer():
+    lin = nn.Linear(2, 2)
+    params = list(lin.parameters())
+    sgd = Stepper(params, torch.optim.SGD(params, lr=0.1))
+    assert not sgd.capturable  # the generic step rebuilds its state
+    lars = Stepper(params, LARS(params, lr=0.1))
+    assert lars.capturable
+    assert not Stepper(params, LARS(params, lr=0.1, momentum=0.9, dampening=0.1)).capturable
+    assert not Stepper(params, LARS(params, lr=0.1), accumulate_grad_batches=2).capturable
+    moving = LARS(params, lr=0.1)
+    assert not Stepper(params, moving, torch.optim.lr_scheduler.StepLR(moving, 1)).capturable
+    fixed = LARS(params, lr=0.1)
+    assert Stepper(params, fixed, torch.optim.lr_scheduler.ConstantLR(fixed, factor=1.0)).capturable
+
+
+def test_tensors_are_every_tensor_a_step_touches():
+    lin = nn.Linear(2, 2)
+    stepper = Stepper(list(lin.parameters()), torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True))
+    stepper.backward(lin(torch.ones(1, 2)).sum())
+    held = {id(t) for t in stepper.tensors()}
+    state = [v for s in stepper.optimizer.state.values() for v in s.values()]
+    assert {id(p) for p in lin.parameters()} <= held
+    assert {id(t) for t in state} <= held  # moments and step counts
+    assert {id(stepper._scale), id(stepper._skipped)} <= held

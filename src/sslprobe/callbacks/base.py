@@ -407,14 +407,17 @@ class TrainableCallback(Callback):
             return None
         return max(math.ceil(batches / self.accumulate_grad_batches), 1)
 
-    def _log_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+    def _log_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor, shared: bool = False) -> None:
         # A Lightning log call costs about a millisecond of Python; a per-step value only ever reaches the
         # logger on its log_every_n_steps cadence. So the loss is logged on exactly those steps (and the last
         # step of each epoch, so callback_metrics holds a fresh value), averaged across processes only then.
+        # A `shared` loss is overwritten by the next step (a CUDA graph's output): the logged value is a copy.
         logger_step = _logs_this_step(trainer)
         if not (logger_step or _last_step_of_epoch(trainer)):
             return
         value = self.logged_loss(loss).detach()
+        if shared:
+            value = value.clone()
         if world_size() > 1 and trainer.loggers and logger_step:
             value = value.float().clone()
             all_reduce_mean_([value])

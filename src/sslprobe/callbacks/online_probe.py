@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import MutableMapping
 from typing import Any, Literal
 
@@ -14,13 +15,30 @@ from typing_extensions import override
 from sslprobe._batch import Locator, check_locator, features_of, target_of
 from sslprobe._build import ModuleSpec, has_uninitialized_params
 from sslprobe._distributed import all_reduce_mean_, world_size
-from sslprobe._metrics import STAGE_KEY, STAGE_PREFIX, MetricsSpec, Top1Accuracy, normalize_metrics, reset_metric
+from sslprobe._metrics import (
+    STAGE_KEY,
+    STAGE_PREFIX,
+    MetricsSpec,
+    Top1Accuracy,
+    capturable_metric,
+    mark_updated,
+    metric_states,
+    normalize_metrics,
+    reset_metric,
+)
+from sslprobe._rng import needs_private_rng
+from sslprobe.callbacks._step_graph import StepGraph
 from sslprobe.callbacks.base import TrainableCallback, ensure_containers
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
 
 __all__ = ["OnlineProbe"]
 
+log = logging.getLogger(__name__)
 warning_cache = WarningCache()
+
+# Eager training steps before the step is captured as a CUDA graph: the first creates the optimizer's state, the
+# second runs on it as every later step will.
+_GRAPH_WARMUP = 2
 
 
 # The last conversion of features to a probe's dtype/device, shared by the probes that read the same tensor in the
@@ -81,6 +99,12 @@ class OnlineProbe(TrainableCallback):
         metrics: a ``torchmetrics.Metric``, a list/tuple of them, a dict name -> Metric, or
             ``{"train": ..., "val": ...}``; ``None`` tracks top-1 accuracy (``top1``) with cross-entropy, nothing
             with another loss.
+        cuda_graph: on a GPU, capture the probe's whole training step (forward, loss, gradients, update, metric
+            counts) as a CUDA graph after two eager steps and replay it, one launch instead of dozens; the numbers
+            are those of the eager step. ``None`` (default) does so whenever the step allows it: one process, no
+            accumulation, a learning rate that does not move (no scheduler), a fused Adam(W) or LARS optimizer,
+            no dropout, batches of one shape (others run eagerly). ``True`` also warns when it cannot; ``False``
+            never captures.
 
     Raises:
         ValueError: for bad values, or a name already used on ``module``.
@@ -119,8 +143,11 @@ class OnlineProbe(TrainableCallback):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         metrics: MetricsSpec = None,
+        cuda_graph: bool | None = None,
     ) -> None:
         owner = f"{type(self).__name__}(name={name!r})"
+        if cuda_graph not in (None, True, False):
+            raise TypeError(f"{owner}: cuda_graph must be None (when possible), True or False, got {cuda_graph!r}.")
         input = check_locator(input, "input", owner)
         target = check_locator(target, "target", owner)
         if loss_fn is not None and not callable(loss_fn):
@@ -148,6 +175,14 @@ class OnlineProbe(TrainableCallback):
         self._loss = loss
         self._loss_device: torch.device | None = None
         self._checked: set[str] = set()
+        self.cuda_graph = cuda_graph
+        self._graph = StepGraph()
+        self._graph_key: tuple[int, ...] | None = None  # (probe, stepper) the cached answer below is for
+        self._graph_blocker: str | None = None  # why this step cannot be captured, or None
+        self._graph_found: Tensor | None = None
+        self._graph_metrics: list[Any] = []  # train metrics updated inside the graph
+        self._graph_failures = 0
+        self._eager_steps = 0
 
     def _metric_modules(self, metrics: MetricsSpec, loss: Any, owner: str) -> nn.ModuleDict:
         """``callbacks_metrics[name]``: one ModuleDict of metrics per stage (top-1 by default with cross-entropy)."""
@@ -172,6 +207,164 @@ class OnlineProbe(TrainableCallback):
         for metric in self._split_metrics(pl_module, "train").values():
             metric.update(detached, target)
         return loss
+
+    # ------------------------------------------------------------------ the training step as a CUDA graph
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Train the probe one step on this batch: replayed from a CUDA graph where it can be, else eagerly."""
+        if self.cuda_graph is False or self._graph_failures >= 2:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        probe = self.trainable_module(pl_module)
+        if not probe.training:
+            probe.train()
+        stepper = self._stepper
+        blocker = "the probe is still lazy" if stepper is None else self._graph_blocker_for(probe, stepper)
+        features = target = None
+        if blocker is None:
+            features = self._features(outputs, batch)
+            target = self._target(outputs, batch, required=True)
+            blocker = self._input_blocker(probe, features, target)
+        graph = self._graph
+        if blocker is not None or (graph.captured and not graph.fits(features, target)):
+            # Another shape (the last, smaller batch) runs eagerly on the same tensors; the graph stays.
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if graph.captured and not graph.current(self._graph_held(probe, stepper, self._graph_metrics)):
+            graph.drop()  # a move, a checkpoint load or a metric reset replaced tensors the graph writes to
+        warming = self._eager_steps < _GRAPH_WARMUP
+        if not graph.captured and (warming or not self._capture(pl_module, probe, stepper, features, target)):
+            self._eager_steps += 1
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        loss, preds = graph.replay(features, target)
+        stepper.end_step()
+        preds = preds.clone()  # the graph's output is overwritten by the next replay
+        self._store_preds(preds, outputs, batch)
+        for metric in self._split_metrics(pl_module, "train").values():
+            if any(metric is captured for captured in self._graph_metrics):
+                mark_updated(metric)
+            else:
+                metric.update(preds, target)
+        self._log_loss(trainer, pl_module, loss, shared=True)
+
+    def _graph_blocker_for(self, probe: nn.Module, stepper: Any) -> str | None:
+        """Why this probe's step cannot be a CUDA graph (None: it can); cached per probe and stepper."""
+        key = (id(probe), id(stepper))
+        if key != self._graph_key:
+            self._graph_key = key
+            self._graph_blocker = self._graph_blocker_of(probe, stepper)
+            if self._graph_blocker is not None and self.cuda_graph:
+                warning_cache.warn(
+                    f"{self._owner}: cuda_graph=True, but the training step runs eagerly: {self._graph_blocker}."
+                )
+        return self._graph_blocker
+
+    def _graph_blocker_of(self, probe: nn.Module, stepper: Any) -> str | None:
+        device = stepper.params[0].device
+        if not stepper.direct:
+            return "it accumulates gradients or averages them across processes"
+        if stepper._steps_scheduler:
+            return "a scheduler moves the learning rate (give the probe a constant one to capture its step)"
+        if needs_private_rng(probe):
+            return "the probe draws random numbers (dropout)"
+        if any(p.device != device for p in [*probe.parameters(), *probe.buffers()]):
+            return "the probe's tensors are on several devices"
+        if device.type != "cuda":
+            return f"the probe is on {device.type}, not on a CUDA device"
+        return None
+
+    def _input_blocker(self, probe: nn.Module, features: Tensor, target: Tensor) -> str | None:
+        device = self._stepper.params[0].device  # type: ignore[union-attr]
+        if not features.is_floating_point() or features.device != device or target.device != device:
+            return "the features are not floating point on the probe's device"
+        return None
+
+    def _graph_held(self, probe: nn.Module, stepper: Any, metrics: list[Any]) -> list[Tensor]:
+        """Every tensor the captured step reads or writes besides its inputs and outputs."""
+        held = [*probe.parameters(), *probe.buffers(), *stepper.tensors(), *self._buffers_of(probe)[1]]
+        if self._graph_found is not None:
+            held.append(self._graph_found)
+        if isinstance(self._loss, nn.Module):
+            held += [*self._loss.parameters(), *self._loss.buffers()]
+        for metric in metrics:
+            held += metric_states(metric)
+        return held
+
+    def _capture(
+        self, pl_module: pl.LightningModule, probe: nn.Module, stepper: Any, features: Tensor, target: Tensor
+    ) -> bool:
+        """Capture this probe's training step; False (with everything as it was) where it cannot be."""
+        if not stepper.capturable:
+            self._graph_blocker = (
+                f"its optimizer ({type(stepper.optimizer).__name__}) is not one a graph can replay: use fused "
+                "Adam/AdamW (the default for Adam/AdamW on a GPU) or LARS without dampening, at a constant rate"
+            )
+            if self.cuda_graph:
+                warning_cache.warn(
+                    f"{self._owner}: cuda_graph=True, but the training step runs eagerly: {self._graph_blocker}."
+                )
+            return False
+        device = stepper.params[0].device
+        if self._graph_found is None or self._graph_found.device != device:
+            self._graph_found = torch.zeros((), dtype=torch.float32, device=device)
+        loss_fn = self._loss_on(device)
+        found = self._graph_found
+        train_metrics = list(self._split_metrics(pl_module, "train").values())
+        # The first try updates the metrics inside the graph; if it fails, the second leaves them out.
+        captured = [m for m in train_metrics if capturable_metric(m)] if self._graph_failures == 0 else []
+        before = [(metric_states(m), m._update_count, m._computed) for m in captured]
+        buffers, saved = self._buffers_of(probe)
+
+        def body(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            if buffers:
+                torch._foreach_copy_(saved, buffers)
+            with torch.enable_grad():
+                preds = probe(x)
+                loss = loss_fn(preds, y)
+            detached = preds.detach()
+            for metric in captured:
+                metric.update(detached, y)
+            stepper.device_step(loss, found)
+            if buffers:
+                keep = found == 0
+                with torch.no_grad():
+                    for buffer, old in zip(buffers, saved):
+                        torch.where(keep, buffer, old, out=buffer)
+            return loss.detach(), detached
+
+        held = self._graph_held(probe, stepper, captured)
+        error: BaseException | None = None
+        try:
+            self._graph.capture(body, features, target, stepper.params[0].dtype, held)
+        except Exception as err:  # an operation a graph cannot hold, e.g. a host sync in a metric or a loss
+            error = err
+        # Undo the capture's host-side effects: replays record their own updates; a metric whose update replaced
+        # its state tensors (rather than changing them in place) cannot be replayed.
+        for metric, (_, count, computed) in zip(captured, before):
+            metric._update_count, metric._computed = count, computed
+        if error is None and not self._graph.current(self._graph_held(probe, stepper, captured)):
+            error = RuntimeError("the step replaced tensors instead of updating them in place")
+        if error is None:
+            self._graph_metrics = captured
+            log.debug("%s: captured the training step as a CUDA graph", self._owner)
+            return True
+        for metric, (states, _, _) in zip(captured, before):
+            for name, state in zip(metric._defaults, states):
+                setattr(metric, name, state)
+        self._graph.drop()
+        self._graph_failures += 1
+        message = f"{self._owner}: capturing the training step as a CUDA graph failed ({error})"
+        if self._graph_failures < 2:
+            log.debug("%s; trying once more, with the metrics updated outside the graph", message)
+        elif self.cuda_graph:
+            warning_cache.warn(f"{message}; the step runs eagerly.")
+        else:
+            log.info("%s; the step runs eagerly.", message)
+        return False
 
     # ------------------------------------------------------------------ evaluation hooks
 

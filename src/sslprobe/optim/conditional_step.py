@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from sslprobe.optim._pieces import PieceCache, cut_alike
 
-__all__ = ["conditional_step", "forget_plan", "uses_fused_adam"]
+__all__ = ["captures_safely", "conditional_step", "forget_plan", "uses_fused_adam"]
 
 
 @torch.no_grad()
@@ -151,6 +151,27 @@ def uses_fused_adam(optimizer: Optimizer) -> bool:
     """Whether :func:`conditional_step` steps ``optimizer`` with torch's fused Adam(W) kernel."""
     fused = any(group.get("fused") for group in optimizer.param_groups)
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and fused
+
+
+def captures_safely(optimizer: Optimizer) -> bool:
+    """Whether :func:`conditional_step` on ``optimizer`` can be captured in a CUDA graph and replayed.
+
+    A replay repeats the same kernels on the same memory with the hyperparameters of the capture, so the step
+    must change its state in place and read no host value that moves. That holds for the fused Adam(W) kernel
+    once its state exists (step counts on the device) and for optimizers that say so (``captures_safely``, as
+    :class:`~sslprobe.optim.LARS` does without dampening); the generic path, which rebuilds its state, never.
+
+    Examples:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> captures_safely(torch.optim.SGD([w], lr=0.1))
+        False
+    """
+    if getattr(optimizer, "_accepts_found_inf", False):
+        return bool(getattr(optimizer, "captures_safely", False))
+    if not uses_fused_adam(optimizer) or any(isinstance(g["lr"], Tensor) for g in optimizer.param_groups):
+        return False
+    return _fused_plan(optimizer) is not None
 
 
 def _restoring_step(optimizer: Optimizer, skip: Tensor) -> None:

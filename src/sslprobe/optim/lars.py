@@ -100,6 +100,11 @@ class LARS(Optimizer):
         }
         super().__init__(params, defaults)
 
+    @property
+    def captures_safely(self) -> bool:
+        """Whether a step can be replayed from a CUDA graph: every buffer changes in place (no dampening)."""
+        return all(group["momentum"] == 0 or group["dampening"] == 0 for group in self.param_groups)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, *, found_inf: Tensor | None = None) -> Tensor | None:
         """Performs one optimization step.

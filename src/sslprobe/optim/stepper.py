@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from sslprobe.optim._pieces import PieceCache, cut_alike, is_cut
-from sslprobe.optim.conditional_step import conditional_step, forget_plan, uses_fused_adam
+from sslprobe.optim.conditional_step import captures_safely, conditional_step, forget_plan, uses_fused_adam
 
 __all__ = ["Stepper"]
 
@@ -135,30 +135,7 @@ class Stepper:
             self._flush_history()
         found = self._history[slot]
         self._slot += 1
-        if self._scaling:
-            scaled = loss * self._scale
-            found.copy_(torch.isfinite(loss.detach()).logical_not())
-        else:
-            scaled = loss
-        grads = list(torch.autograd.grad(scaled, self.params, allow_unused=True))
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
-        # One fused kernel flags any NaN/Inf in `found` and divides by the loss scale. Unscaled, the loss itself
-        # rides along (multiplied by exactly 1), which saves the separate isfinite of the loss.
-        # Where the optimizer's kernel runs on flat pieces (see `cut_alike`), the gradients that are cut are first
-        # copied into long-lived buffers: one copy kernel, where cutting a new tensor into views every step would
-        # cost ~100 us of host time. The check and the optimizer then take the buffers' cached pieces.
-        pieces = grads
-        if self._pieces is not None:
-            for i, buffer in self._grad_buffers.items():
-                grads[i] = buffer.copy_(grads[i])
-            (pieces,), _ = cut_alike([grads], cache=self._pieces)
-        if self._scaling:
-            torch._amp_foreach_non_finite_check_and_unscale_(pieces, found, self._scale.reciprocal())
-            torch._amp_update_scale_(self._scale, self._growth_tracker, found, 2.0, 0.5, _GROWTH_INTERVAL)
-        else:
-            checked = [*pieces, loss.detach().reshape(1)]
-            torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._scale)
-        self.last_found = found
+        grads = self._checked_grads(loss, found)
         if self.direct:
             self._step(grads, found)  # the optimizer takes the pieces the check made, then `_step` releases them
             self._end_window()
@@ -192,6 +169,67 @@ class Stepper:
         torch._foreach_mul_(self._sums, still_open)  # sums are finite, so a multiply by 0 or 1 is exact
         self._good.mul_(still_open)
         return self._end_window()
+
+    def _checked_grads(self, loss: Tensor, found: Tensor) -> list[Tensor]:
+        """The gradients of ``loss``, unscaled, with ``found`` (zero before) set where any is not finite."""
+        if self._scaling:
+            scaled = loss * self._scale
+            found.copy_(torch.isfinite(loss.detach()).logical_not())
+        else:
+            scaled = loss
+        grads = list(torch.autograd.grad(scaled, self.params, allow_unused=True))
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        # One fused kernel flags any NaN/Inf in `found` and divides by the loss scale. Unscaled, the loss itself
+        # rides along (multiplied by exactly 1), which saves the separate isfinite of the loss.
+        # Where the optimizer's kernel runs on flat pieces (see `cut_alike`), the gradients that are cut are first
+        # copied into long-lived buffers: one copy kernel, where cutting a new tensor into views every step would
+        # cost ~100 us of host time. The check and the optimizer then take the buffers' cached pieces.
+        pieces = grads
+        if self._pieces is not None:
+            for i, buffer in self._grad_buffers.items():
+                grads[i] = buffer.copy_(grads[i])
+            (pieces,), _ = cut_alike([grads], cache=self._pieces)
+        if self._scaling:
+            torch._amp_foreach_non_finite_check_and_unscale_(pieces, found, self._scale.reciprocal())
+            torch._amp_update_scale_(self._scale, self._growth_tracker, found, 2.0, 0.5, _GROWTH_INTERVAL)
+        else:
+            checked = [*pieces, loss.detach().reshape(1)]
+            torch._amp_foreach_non_finite_check_and_unscale_(checked, found, self._scale)
+        self.last_found = found
+        return grads
+
+    # ------------------------------------------------------------------ a step split for CUDA graphs
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a direct step can be captured as a CUDA graph: it must read the same tensors every step.
+
+        That needs a direct step (no window, no collective), a learning rate that does not move (no stepping
+        scheduler) and an optimizer that updates its state in place (see
+        :func:`~sslprobe.optim.conditional_step.captures_safely`).
+        """
+        return self.direct and not self._steps_scheduler and captures_safely(self.optimizer)
+
+    def device_step(self, loss: Tensor, found: Tensor) -> None:
+        """The device half of a direct step, for capture: gradients, check, skippable update, skipped count.
+
+        ``found`` is a 0-dim float32 tensor that keeps its memory from step to step (it is zeroed here); the host
+        half is :meth:`end_step`. Together they do what :meth:`backward` does with ``accumulate_grad_batches=1``.
+        """
+        found.zero_()
+        grads = self._checked_grads(loss, found)
+        self._step(grads, found)
+        self._skipped.add_(found)
+
+    def end_step(self) -> None:
+        """The host half of a captured direct step: counters and the step-interval scheduler."""
+        self._end_window()
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor a step reads or writes besides the loss: parameters, optimizer state and the stepper's own."""
+        state = [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
+        own = [self._scale, self._growth_tracker, self._skipped, *self._grad_buffers.values()]
+        return [*self.params, *state, *own]
 
     def _end_window(self) -> bool:
         # Host-side bookkeeping: windows of `accumulate_grad_batches` training batches, which the LR schedule and

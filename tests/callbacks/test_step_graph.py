@@ -1,0 +1,226 @@
+"""The probe's training step as a graph: the host-side logic, on the CPU with a stand-in that re-runs the body.
+
+The CUDA capture itself is tested on a GPU in tests/test_cuda.py.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from sslprobe.callbacks import OnlineProbe
+from sslprobe.callbacks._step_graph import StepGraph
+from sslprobe.probes import LinearProbe
+from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
+
+
+class ReplayingGraph(StepGraph):
+    """A CPU stand-in for the CUDA graph: ``capture`` keeps the body and its static inputs (running nothing, as a
+    capture does); ``replay`` copies the inputs in, runs the body and writes into the same output tensors each
+    time. Set ``fail`` to make that many captures raise."""
+
+    def __init__(self, fail: int = 0) -> None:
+        super().__init__()
+        self.fail, self.captures, self.replays = fail, 0, 0
+
+    def capture(self, body, x, y, dtype, held):
+        self.drop()
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("operation not permitted when stream is capturing")
+        self._graph, self._inputs = body, (x.detach().to(dtype=dtype, copy=True), y.detach().clone())
+        self._held, self._key = list(held), tuple(t.data_ptr() for t in held)
+        self.captures += 1
+
+    def replay(self, x, y):
+        static_x, static_y = self._inputs
+        static_x.copy_(x)
+        static_y.copy_(y)
+        self.replays += 1
+        outputs = self._graph(static_x, static_y)
+        if self._outputs is None:
+            self._outputs = outputs
+        else:  # as a graph's outputs: the same tensors, overwritten at every replay
+            for kept, new in zip(self._outputs, outputs):
+                kept.copy_(new)
+        return self._outputs
+
+
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    """Let the graph path run on the CPU: every other reason to run eagerly still holds."""
+    original = OnlineProbe._graph_blocker_of
+
+    def blocker(self, probe, stepper):
+        reason = original(self, probe, stepper)
+        return None if reason is not None and "CUDA" in reason else reason
+
+    monkeypatch.setattr(OnlineProbe, "_graph_blocker_of", blocker)
+
+
+class Poison(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 0 and batch_idx == 4:
+            outputs["embedding"] = torch.full_like(outputs["embedding"], math.nan)
+
+
+def _probes(model, cuda_graph):
+    torch.manual_seed(3)
+    return [
+        OnlineProbe(
+            model,
+            "adamw",
+            "embedding",
+            "label",
+            probe=nn.Linear(D_EMB, NUM_CLASSES),
+            optimizer="AdamW",
+            cuda_graph=cuda_graph,
+        ),
+        # BatchNorm (running statistics undone on a non-finite batch) and the default LARS.
+        OnlineProbe(
+            model,
+            "lars",
+            "embedding",
+            "label",
+            probe=LinearProbe(NUM_CLASSES, in_features=D_EMB),
+            cuda_graph=cuda_graph,
+        ),
+        # A torchmetrics metric: updated after each replay (it replaces its state tensors at each update).
+        OnlineProbe(
+            model,
+            "metric",
+            "embedding",
+            "label",
+            probe=nn.Linear(D_EMB, NUM_CLASSES),
+            optimizer="AdamW",
+            metrics={"acc": torchmetrics.classification.MulticlassAccuracy(num_classes=NUM_CLASSES)},
+            cuda_graph=cuda_graph,
+        ),
+    ]
+
+
+def _fit(cuda_graph, graphs=None, epochs=2, callbacks=(), ckpt_path=None, **trainer_kw):
+    model = make_module(optim={"type": "SGD", "lr": 0.05})
+    probes = _probes(model, cuda_graph)
+    for probe, graph in zip(probes, graphs or []):
+        probe._graph = graph
+    trainer = make_trainer(max_epochs=epochs, callbacks=[Poison(), *probes, *callbacks], **trainer_kw)
+    # 52 samples in batches of 8: the last batch (4) has another shape and runs eagerly.
+    trainer.fit(model, dict_loader(n=52), dict_loader(n=24), ckpt_path=ckpt_path)
+    return model, probes, trainer
+
+
+def test_graph_path_trains_and_measures_exactly_as_the_eager_step(graphs_on_cpu):
+    eager_model, eager_probes, eager_trainer = _fit(False)
+    graphs = [ReplayingGraph() for _ in range(3)]
+    model, probes, trainer = _fit(None, graphs)
+    # Per epoch of 7 batches: 2 eager warm-up batches (first epoch), 4 replays, and the last, smaller batch eagerly.
+    assert [g.replays for g in graphs] == [4 + 6, 4 + 6, 4 + 6]
+    assert [g.captures for g in graphs] == [1, 1, 1]
+    for (key, a), b in zip(eager_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), key
+    for key, value in eager_trainer.callback_metrics.items():
+        assert torch.equal(trainer.callback_metrics[key], value), key
+    assert [p.skipped_batches for p in probes] == [p.skipped_batches for p in eager_probes] == [1, 1, 1]
+    assert [p.stepper.steps for p in probes] == [14, 14, 14]
+    assert len(probes[0]._graph_metrics) == 1 and probes[2]._graph_metrics == []  # top-1 inside the graph
+
+
+def test_predictions_outlive_the_next_replay(graphs_on_cpu):
+    class Keep(Callback):
+        def __init__(self):
+            self.preds = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.preds.append((batch["adamw_preds"], batch["adamw_preds"].clone()))
+
+    keep = Keep()
+    _fit(None, [ReplayingGraph()], epochs=1, callbacks=[keep])
+    assert all(torch.allclose(kept, copy, rtol=0, atol=0, equal_nan=True) for kept, copy in keep.preds)
+
+
+def test_a_failed_capture_retries_without_metrics_then_gives_up(graphs_on_cpu):
+    _, _, eager_trainer = _fit(False)
+    once, twice, never = ReplayingGraph(fail=1), ReplayingGraph(fail=2), ReplayingGraph(fail=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, probes, trainer = _fit(True, [once, twice, never], epochs=2)
+    failed = [str(w.message) for w in caught if "capturing the training step" in str(w.message)]
+    # Said once per probe that gave up (cuda_graph=True), after its second failure.
+    assert sorted(m.split(":")[0] for m in failed) == ["OnlineProbe(name='lars')", "OnlineProbe(name='metric')"]
+    assert all("runs eagerly" in m for m in failed)
+    # The failed capture's batch ran eagerly: 3 replays in the first epoch.
+    assert once.captures == 1 and once.replays == 3 + 6 and probes[0]._graph_metrics == []  # metrics outside
+    assert twice.captures == 0 and twice.replays == 0  # eager for good after two failures
+    for key, value in eager_trainer.callback_metrics.items():
+        assert torch.equal(trainer.callback_metrics[key], value), key
+
+
+def test_a_loaded_checkpoint_is_captured_again_and_continues_exactly(graphs_on_cpu, tmp_path):
+    eager_model, _, _ = _fit(False, epochs=3)
+
+    class Interrupt(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _fit(None, [ReplayingGraph() for _ in range(3)], epochs=3, callbacks=[ckpt, Interrupt()], enable_checkpointing=True)
+    graphs = [ReplayingGraph() for _ in range(3)]
+    model, _, _ = _fit(None, graphs, epochs=3, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert all(g.replays > 0 for g in graphs)
+    for (key, a), b in zip(eager_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_asking_for_a_graph_where_there_can_be_none_says_why():
+    model = make_module()
+    probe = OnlineProbe(model, "linear", "embedding", "label", probe=nn.Linear(D_EMB, NUM_CLASSES), cuda_graph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+    messages = [str(w.message) for w in caught if "cuda_graph=True" in str(w.message)]
+    assert len(messages) == 1 and "not on a CUDA device" in messages[0]
+    assert probe.stepper.steps == 6  # it trained eagerly
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"accumulate_grad_batches": 2}, "accumulates"),
+        ({"scheduler": "CosineAnnealingLR"}, "scheduler"),
+        ({"probe": nn.Sequential(nn.Dropout(0.1), nn.Linear(D_EMB, NUM_CLASSES))}, "dropout"),
+        ({"optimizer": {"type": "SGD", "lr": 0.1}}, "optimizer (SGD)"),
+    ],
+)
+def test_steps_a_graph_cannot_replay_run_eagerly_and_say_why(graphs_on_cpu, kwargs, reason):
+    model = make_module()
+    options = {"probe": nn.Linear(D_EMB, NUM_CLASSES), "optimizer": "AdamW", **kwargs}
+    probe = OnlineProbe(model, "linear", "embedding", "label", cuda_graph=True, **options)
+    probe._graph = graph = ReplayingGraph()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+    assert any(reason in str(w.message) for w in caught), [str(w.message) for w in caught]
+    assert graph.captures == 0 and probe.stepper.steps == 6 // options.get("accumulate_grad_batches", 1)
+
+
+def test_fits_and_current():
+    graph = StepGraph()
+    x, y, w = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), torch.zeros(2)
+    assert not graph.fits(x, y) and not graph.captured
+    graph._inputs, graph._key = (x.clone(), y.clone()), (w.data_ptr(),)
+    assert graph.fits(torch.ones(4, 3, dtype=torch.bfloat16), y)  # features are cast on the copy
+    assert not graph.fits(torch.zeros(2, 3), y[:2])
+    assert not graph.fits(x, y.int())
+    assert graph.current([w]) and not graph.current([w.clone()]) and not graph.current([w, w])
+
+
+def test_cuda_graph_argument_is_checked():
+    with pytest.raises(TypeError, match="cuda_graph must be None"):
+        OnlineProbe(make_module(), "linear", "embedding", "label", probe=nn.Linear(D_EMB, 3), cuda_graph="yes")
