@@ -44,7 +44,7 @@ def profile(config, backbone, emb, pool, run, precision):
     overhead.run_config(config, backbone, emb, pool, run, "cuda", precision)  # warm up
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        ms, _ = overhead.run_config(config, backbone, emb, pool, run, "cuda", precision)
+        ms, _, _ = overhead.run_config(config, backbone, emb, pool, run, "cuda", precision)
     steps = run.warm + run.steps
     events = prof.events()
     scopes = [e for e in events if e.name in SCOPES and e.device_type == torch.autograd.DeviceType.CPU]

@@ -44,7 +44,7 @@ def main():
     ]
     run = argparse.Namespace(warm=5, steps=args.steps, devices=1)
     overhead.run_config(args.config, backbone, emb, pool, run, args.device, precision)  # warm up
-    ms, _ = overhead.run_config(args.config, backbone, emb, pool, run, args.device, precision)
+    ms, _, _ = overhead.run_config(args.config, backbone, emb, pool, run, args.device, precision)
     print(f"{args.config}: {ms:.2f} ms/step unprofiled")
     profiler = cProfile.Profile()
     profiler.enable()

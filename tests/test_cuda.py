@@ -10,9 +10,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from sslprobe._metrics import Top1Accuracy
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep
 from sslprobe.probes import LinearProbe, MLPProbe
 from tests.callbacks.test_online_probe import FeatureSpy, reference_probe
+from tests.callbacks.test_step_graph import Interrupt, fit_three_probes
 from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -71,6 +73,9 @@ def test_probe_step_makes_no_host_device_sync():
     assert arm.guarded == 12, arm.guarded  # batches 2..7 of each of the two epochs ran in "error" mode
     assert [p.stepper.steps for p in probes[:5]] == [16, 8, 16, 16, 16]
     assert probes[4].stepper._pieces is not None and probes[4].stepper._grad_buffers
+    # The LARS and the AdamW probe replayed their steps from CUDA graphs, captured in "error" mode.
+    assert probes[0]._graph.captured and probes[4]._graph.captured
+    assert not probes[1]._graph.captured and not probes[2]._graph.captured  # accumulation; dropout
     assert "eval/knn_top1" in trainer.callback_metrics
 
 
@@ -105,3 +110,83 @@ def test_16_true_probe_trains_with_its_own_loss_scale():
     assert weight.dtype == torch.float16 and torch.isfinite(weight).all()
     assert probe.stepper._scaling and probe.stepper.steps == 18
     assert trainer.callback_metrics["eval/linear_top1"] > 0.5
+
+
+# ---------------------------------------------------------------------------------------------- CUDA graphs
+
+
+def _assert_same_run(a, b):
+    (model_a, probes_a, trainer_a), (model_b, probes_b, trainer_b) = a, b
+    for (key, x), y in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(x, y), key
+    assert trainer_a.callback_metrics.keys() == trainer_b.callback_metrics.keys()
+    for key, value in trainer_a.callback_metrics.items():
+        assert torch.equal(trainer_b.callback_metrics[key], value), key
+    assert [p.skipped_batches for p in probes_a] == [p.skipped_batches for p in probes_b]
+    assert [p.stepper.steps for p in probes_a] == [p.stepper.steps for p in probes_b]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-true"])
+def test_graph_replays_are_bit_identical_to_eager_steps(precision):
+    # Fused AdamW, LARS over BatchNorm and a torchmetrics metric; a NaN batch, a smaller last batch, validation.
+    eager = fit_three_probes(False, accelerator="gpu", precision=precision)
+    graphed = fit_three_probes(None, accelerator="gpu", precision=precision)
+    assert all(p._graph.captured for p in graphed[1]) and not any(p._graph.captured for p in eager[1])
+    _assert_same_run(eager, graphed)
+
+
+def test_graph_resumes_from_a_checkpoint_exactly(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    eager = fit_three_probes(False, epochs=3, accelerator="gpu")
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    fit_three_probes(None, epochs=3, callbacks=[ckpt, Interrupt()], enable_checkpointing=True, accelerator="gpu")
+    resumed = fit_three_probes(None, epochs=3, ckpt_path=str(tmp_path / "last.ckpt"), accelerator="gpu")
+    assert all(p._graph.captured for p in resumed[1])
+    for (key, x), y in zip(eager[0].state_dict().items(), resumed[0].state_dict().values()):
+        assert torch.equal(x, y), key
+
+
+class SyncingTop1(Top1Accuracy):
+    """Says it updates in place, but reads a value on the host: a graph cannot hold it."""
+
+    def update(self, preds, target):
+        if int(target.min()) < 0:
+            raise ValueError("negative label")
+        super().update(preds, target)
+
+
+class ReplacingTop1(Top1Accuracy):
+    """Says it updates in place, but replaces its state tensors: a replay would write to the old ones."""
+
+    def update(self, preds, target):
+        self.correct = self.correct + (preds.argmax(-1) == target).sum()
+        self.total = self.total + target.numel()
+
+
+@pytest.mark.parametrize("metric", [SyncingTop1, ReplacingTop1])
+def test_a_metric_a_graph_cannot_hold_is_updated_outside_it(metric):
+    def run(cuda_graph):
+        model = make_module(optim={"type": "SGD", "lr": 0.05})
+        torch.manual_seed(3)
+        probe = OnlineProbe(
+            model,
+            "linear",
+            "embedding",
+            "label",
+            probe=nn.Linear(D_EMB, NUM_CLASSES),
+            optimizer="AdamW",
+            metrics={"top1": metric()},
+            cuda_graph=cuda_graph,
+        )
+        trainer = make_trainer(accelerator="gpu", max_epochs=2, callbacks=[probe])
+        trainer.fit(model, dict_loader(n=64), dict_loader(n=24))
+        return model, probe, trainer
+
+    model, probe, trainer = run(None)
+    assert probe._graph.captured and probe._graph_failures == 1 and probe._graph_metrics == []
+    reference, _, reference_trainer = run(False)
+    for (key, x), y in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(x, y), key
+    for key in ("train/linear_top1", "eval/linear_top1"):
+        assert torch.equal(trainer.callback_metrics[key], reference_trainer.callback_metrics[key]), key

@@ -70,6 +70,13 @@ class Poison(Callback):
             outputs["embedding"] = torch.full_like(outputs["embedding"], math.nan)
 
 
+class Interrupt(Callback):
+    """Stops after the first epoch, as if the job were killed after its checkpoint."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.should_stop = True
+
+
 def _probes(model, cuda_graph):
     torch.manual_seed(3)
     return [
@@ -105,7 +112,8 @@ def _probes(model, cuda_graph):
     ]
 
 
-def _fit(cuda_graph, graphs=None, epochs=2, callbacks=(), ckpt_path=None, **trainer_kw):
+def fit_three_probes(cuda_graph, graphs=None, epochs=2, callbacks=(), ckpt_path=None, **trainer_kw):
+    """Three probes (fused AdamW; LARS over BatchNorm; a torchmetrics metric) with a NaN batch in the first epoch."""
     model = make_module(optim={"type": "SGD", "lr": 0.05})
     probes = _probes(model, cuda_graph)
     for probe, graph in zip(probes, graphs or []):
@@ -117,9 +125,9 @@ def _fit(cuda_graph, graphs=None, epochs=2, callbacks=(), ckpt_path=None, **trai
 
 
 def test_graph_path_trains_and_measures_exactly_as_the_eager_step(graphs_on_cpu):
-    eager_model, eager_probes, eager_trainer = _fit(False)
+    eager_model, eager_probes, eager_trainer = fit_three_probes(False)
     graphs = [ReplayingGraph() for _ in range(3)]
-    model, probes, trainer = _fit(None, graphs)
+    model, probes, trainer = fit_three_probes(None, graphs)
     # Per epoch of 7 batches: 2 eager warm-up batches (first epoch), 4 replays, and the last, smaller batch eagerly.
     assert [g.replays for g in graphs] == [4 + 6, 4 + 6, 4 + 6]
     assert [g.captures for g in graphs] == [1, 1, 1]
@@ -141,16 +149,16 @@ def test_predictions_outlive_the_next_replay(graphs_on_cpu):
             self.preds.append((batch["adamw_preds"], batch["adamw_preds"].clone()))
 
     keep = Keep()
-    _fit(None, [ReplayingGraph()], epochs=1, callbacks=[keep])
+    fit_three_probes(None, [ReplayingGraph()], epochs=1, callbacks=[keep])
     assert all(torch.allclose(kept, copy, rtol=0, atol=0, equal_nan=True) for kept, copy in keep.preds)
 
 
 def test_a_failed_capture_retries_without_metrics_then_gives_up(graphs_on_cpu):
-    _, _, eager_trainer = _fit(False)
+    _, _, eager_trainer = fit_three_probes(False)
     once, twice, never = ReplayingGraph(fail=1), ReplayingGraph(fail=2), ReplayingGraph(fail=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, probes, trainer = _fit(True, [once, twice, never], epochs=2)
+        _, probes, trainer = fit_three_probes(True, [once, twice, never], epochs=2)
     failed = [str(w.message) for w in caught if "capturing the training step" in str(w.message)]
     # Said once per probe that gave up (cuda_graph=True), after its second failure.
     assert sorted(m.split(":")[0] for m in failed) == ["OnlineProbe(name='lars')", "OnlineProbe(name='metric')"]
@@ -163,16 +171,13 @@ def test_a_failed_capture_retries_without_metrics_then_gives_up(graphs_on_cpu):
 
 
 def test_a_loaded_checkpoint_is_captured_again_and_continues_exactly(graphs_on_cpu, tmp_path):
-    eager_model, _, _ = _fit(False, epochs=3)
-
-    class Interrupt(Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            trainer.should_stop = True
-
+    eager_model, _, _ = fit_three_probes(False, epochs=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    _fit(None, [ReplayingGraph() for _ in range(3)], epochs=3, callbacks=[ckpt, Interrupt()], enable_checkpointing=True)
+    fit_three_probes(
+        None, [ReplayingGraph() for _ in range(3)], epochs=3, callbacks=[ckpt, Interrupt()], enable_checkpointing=True
+    )
     graphs = [ReplayingGraph() for _ in range(3)]
-    model, _, _ = _fit(None, graphs, epochs=3, ckpt_path=str(tmp_path / "last.ckpt"))
+    model, _, _ = fit_three_probes(None, graphs, epochs=3, ckpt_path=str(tmp_path / "last.ckpt"))
     assert all(g.replays > 0 for g in graphs)
     for (key, a), b in zip(eager_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), key
