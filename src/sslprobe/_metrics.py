@@ -66,8 +66,10 @@ def metric_states(metric: Metric) -> list[Tensor]:
 
 def mark_updated(metric: Metric) -> None:
     """Record one update of ``metric`` made by a CUDA graph replay (what torchmetrics' update wrapper records)."""
-    metric._computed = None
-    metric._update_count += 1
+    # Plain attributes, written past nn.Module.__setattr__ (a replay records this at every step).
+    attributes = vars(metric)
+    attributes["_computed"] = None
+    attributes["_update_count"] += 1
 
 
 def snake_case(name: str) -> str:

@@ -62,7 +62,7 @@ class StepGraph:
 
     def current(self, held: Sequence[Tensor]) -> bool:
         """Whether ``held`` are the very tensors (same memory) the graph was captured on."""
-        return len(held) == len(self._key) and all(t.data_ptr() == k for t, k in zip(held, self._key))
+        return tuple(map(Tensor.data_ptr, held)) == self._key
 
     def replay(self, x: Tensor, y: Tensor) -> Any:
         """Copy ``(x, y)`` into the static inputs (casting ``x``) and replay; returns the capture's outputs."""
