@@ -14,7 +14,7 @@ from sslprobe._metrics import Top1Accuracy
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep
 from sslprobe.probes import LinearProbe, MLPProbe
 from tests.callbacks.test_online_probe import FeatureSpy, reference_probe
-from tests.callbacks.test_step_graph import Interrupt, fit_three_probes
+from tests.callbacks.test_step_graph import Interrupt, fit_three_probes, fit_with_changing_rate
 from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -190,3 +190,12 @@ def test_a_metric_a_graph_cannot_hold_is_updated_outside_it(metric):
         assert torch.equal(x, y), key
     for key in ("train/linear_top1", "eval/linear_top1"):
         assert torch.equal(trainer.callback_metrics[key], reference_trainer.callback_metrics[key]), key
+
+
+@pytest.mark.parametrize("change", ["epoch scheduler", "by hand"])
+def test_a_graph_follows_a_new_learning_rate(change):
+    eager, _ = fit_with_changing_rate(change, False, accelerator="gpu")
+    model, probe = fit_with_changing_rate(change, None, accelerator="gpu")
+    assert probe._graph.captured
+    for (key, a), b in zip(eager.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), key

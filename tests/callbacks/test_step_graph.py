@@ -29,13 +29,13 @@ class ReplayingGraph(StepGraph):
         super().__init__()
         self.fail, self.captures, self.replays = fail, 0, 0
 
-    def capture(self, body, x, y, dtype, held):
+    def capture(self, body, x, y, dtype, held, settings=None):
         self.drop()
         if self.fail:
             self.fail -= 1
             raise RuntimeError("operation not permitted when stream is capturing")
         self._graph, self._inputs = body, (x.detach().to(dtype=dtype, copy=True), y.detach().clone())
-        self._held, self._key = list(held), tuple(t.data_ptr() for t in held)
+        self._held, self._key, self._settings = list(held), tuple(t.data_ptr() for t in held), settings
         self.captures += 1
 
     def replay(self, x, y):
@@ -229,3 +229,42 @@ def test_fits_and_current():
 def test_cuda_graph_argument_is_checked():
     with pytest.raises(TypeError, match="cuda_graph must be None"):
         OnlineProbe(make_module(), "linear", "embedding", "label", probe=nn.Linear(D_EMB, 3), cuda_graph="yes")
+
+
+def fit_with_changing_rate(change, cuda_graph, graph=None, **trainer_kw):
+    """One AdamW probe whose learning rate halves at each epoch end (a scheduler) or at batch 4 (by hand)."""
+    model = make_module(optim={"type": "SGD", "lr": 0.05})
+    torch.manual_seed(3)
+    scheduler = {"type": "StepLR", "step_size": 1, "gamma": 0.5, "interval": "epoch"}
+    probe = OnlineProbe(
+        model,
+        "linear",
+        "embedding",
+        "label",
+        probe=nn.Linear(D_EMB, NUM_CLASSES),
+        optimizer="AdamW",
+        scheduler=scheduler if change == "epoch scheduler" else None,
+        cuda_graph=cuda_graph,
+    )
+    if graph is not None:
+        probe._graph = graph
+
+    class ByHand(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if change == "by hand" and batch_idx == 4:
+                probe.stepper.optimizer.param_groups[0]["lr"] *= 0.5
+
+    make_trainer(max_epochs=3, callbacks=[ByHand(), probe], **trainer_kw).fit(model, dict_loader())
+    return model, probe
+
+
+@pytest.mark.parametrize(("change", "captures"), [("epoch scheduler", 3), ("by hand", 4)])
+def test_a_new_learning_rate_is_captured_again_and_used(graphs_on_cpu, change, captures):
+    eager, eager_probe = fit_with_changing_rate(change, False)
+    graph = ReplayingGraph()
+    model, probe = fit_with_changing_rate(change, None, graph)
+    # Epoch scheduler: one capture per epoch. By hand: the first capture, then one after each change (batch 4).
+    assert graph.captures == captures and graph.replays == 3 * 6 - 2  # a capture's batch is replayed too
+    assert probe.stepper.optimizer.param_groups[0]["lr"] == eager_probe.stepper.optimizer.param_groups[0]["lr"]
+    for (key, a), b in zip(eager.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), key

@@ -40,6 +40,7 @@ class StepGraph:
         self._outputs: Any = None
         self._held: list[Tensor] = []
         self._key: tuple[int, ...] = ()
+        self._settings: Any = None
         self._stream: Any = None
 
     @property
@@ -60,9 +61,13 @@ class StepGraph:
             and y.device == static_y.device
         )
 
-    def current(self, held: Sequence[Tensor]) -> bool:
-        """Whether ``held`` are the very tensors (same memory) the graph was captured on."""
-        return tuple(map(Tensor.data_ptr, held)) == self._key
+    def current(self, held: Sequence[Tensor], settings: Any = None) -> bool:
+        """Whether the graph computes the step for ``held`` and ``settings`` as they are now.
+
+        ``held`` must be the very tensors (same memory) and ``settings`` the host values (learning rates) that the
+        graph was captured with.
+        """
+        return settings == self._settings and tuple(map(Tensor.data_ptr, held)) == self._key
 
     def replay(self, x: Tensor, y: Tensor) -> Any:
         """Copy ``(x, y)`` into the static inputs (casting ``x``) and replay; returns the capture's outputs."""
@@ -73,9 +78,17 @@ class StepGraph:
         return self._outputs
 
     def capture(
-        self, body: Callable[[Tensor, Tensor], Any], x: Tensor, y: Tensor, dtype: torch.dtype, held: Sequence[Tensor]
+        self,
+        body: Callable[[Tensor, Tensor], Any],
+        x: Tensor,
+        y: Tensor,
+        dtype: torch.dtype,
+        held: Sequence[Tensor],
+        settings: Any = None,
     ) -> Any:
         """Capture ``body`` on static copies of ``(x, y)`` (``x`` cast to ``dtype``), keeping ``held`` alive.
+
+        ``settings`` are the host values the body bakes into its kernels (compared by :meth:`current`).
 
         Nothing runs: :meth:`replay` does. Raises what the capture raised (an operation that a CUDA graph cannot
         hold, such as a host sync), with the graph dropped.
@@ -103,9 +116,10 @@ class StepGraph:
         self._graph, self._inputs, self._outputs = graph, (static_x, static_y), outputs
         self._held = list(held)
         self._key = tuple(t.data_ptr() for t in self._held)
+        self._settings = settings
         return outputs
 
     def drop(self) -> None:
         """Forget the graph and release what it kept alive."""
         self._graph = self._inputs = self._outputs = None
-        self._held, self._key = [], ()
+        self._held, self._key, self._settings = [], (), None

@@ -102,7 +102,8 @@ class OnlineProbe(TrainableCallback):
         cuda_graph: on a GPU, capture the probe's whole training step (forward, loss, gradients, update, metric
             counts) as a CUDA graph after two eager steps and replay it, one launch instead of dozens; the numbers
             are those of the eager step. ``None`` (default) does so whenever the step allows it: one process, no
-            accumulation, a learning rate that does not move (no scheduler), a fused Adam(W) or LARS optimizer,
+            accumulation, a learning rate that does not move at every step (no step-interval scheduler; an epoch
+            one is captured again at each change), a fused Adam(W) or LARS optimizer,
             no dropout, batches of one shape (others run eagerly). ``True`` also warns when it cannot; ``False``
             never captures.
 
@@ -233,8 +234,12 @@ class OnlineProbe(TrainableCallback):
             # Another shape (the last, smaller batch) runs eagerly on the same tensors; the graph stays.
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
-        if graph.captured and not graph.current(self._graph_held(probe, stepper, self._graph_metrics)):
-            graph.drop()  # a move, a checkpoint load or a metric reset replaced tensors the graph writes to
+        if graph.captured and not graph.current(
+            self._graph_held(probe, stepper, self._graph_metrics), stepper.settings()
+        ):
+            # A move, a checkpoint load or a metric reset replaced tensors the graph writes to, or the learning rate
+            # (an epoch scheduler, a user) or another hyperparameter changed: capture again.
+            graph.drop()
         warming = self._eager_steps < _GRAPH_WARMUP
         if not graph.captured and (warming or not self._capture(pl_module, probe, stepper, features, target)):
             self._eager_steps += 1
@@ -267,8 +272,11 @@ class OnlineProbe(TrainableCallback):
         device = stepper.params[0].device
         if not stepper.direct:
             return "it accumulates gradients or averages them across processes"
-        if stepper._steps_scheduler:
-            return "a scheduler moves the learning rate (give the probe a constant one to capture its step)"
+        if stepper._steps_scheduler and stepper.interval == "step":
+            return (
+                "a scheduler moves the learning rate at every step (a constant rate, or a scheduler with "
+                "interval='epoch', lets the step be captured)"
+            )
         if needs_private_rng(probe):
             return "the probe draws random numbers (dropout)"
         if any(p.device != device for p in [*probe.parameters(), *probe.buffers()]):
@@ -346,14 +354,14 @@ class OnlineProbe(TrainableCallback):
         held = self._graph_held(probe, stepper, captured)
         error: BaseException | None = None
         try:
-            self._graph.capture(body, features, target, stepper.params[0].dtype, held)
+            self._graph.capture(body, features, target, stepper.params[0].dtype, held, stepper.settings())
         except Exception as err:  # an operation a graph cannot hold, e.g. a host sync in a metric or a loss
             error = err
         # Undo the capture's host-side effects: replays record their own updates; a metric whose update replaced
         # its state tensors (rather than changing them in place) cannot be replayed.
         for metric, (_, count, computed) in zip(captured, before):
             metric._update_count, metric._computed = count, computed
-        if error is None and not self._graph.current(self._graph_held(probe, stepper, captured)):
+        if error is None and not self._graph.current(self._graph_held(probe, stepper, captured), stepper.settings()):
             error = RuntimeError("the step replaced tensors instead of updating them in place")
         if error is None:
             self._graph_metrics = captured

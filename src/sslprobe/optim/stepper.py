@@ -204,11 +204,19 @@ class Stepper:
     def capturable(self) -> bool:
         """Whether a direct step can be captured as a CUDA graph: it must read the same tensors every step.
 
-        That needs a direct step (no window, no collective), a learning rate that does not move (no stepping
-        scheduler) and an optimizer that updates its state in place (see
-        :func:`~sslprobe.optim.conditional_step.captures_safely`).
+        That needs a direct step (no window, no collective), a learning rate that does not move at every step (no
+        step-interval scheduler; an epoch-interval one means a new capture per epoch) and an optimizer that
+        updates its state in place (see :func:`~sslprobe.optim.conditional_step.captures_safely`).
         """
-        return self.direct and not self._steps_scheduler and captures_safely(self.optimizer)
+        moving = self._steps_scheduler and self.interval == "step"
+        return self.direct and not moving and captures_safely(self.optimizer)
+
+    def settings(self) -> tuple:
+        """The host values a captured step bakes into its kernels: every hyperparameter of every group."""
+        return tuple(
+            tuple((key, value) for key, value in group.items() if key != "params")
+            for group in self.optimizer.param_groups
+        )
 
     def device_step(self, loss: Tensor, found: Tensor) -> None:
         """The device half of a direct step, for capture: gradients, check, skippable update, skipped count.
