@@ -27,6 +27,8 @@ def needs_private_rng(module: nn.Module) -> bool:
             return True
         if isinstance(sub, nn.MultiheadAttention) and sub.dropout > 0 and sub.training:
             return True
+        if isinstance(sub, nn.RReLU) and sub.training:
+            return True
     return False
 
 

@@ -226,9 +226,10 @@ def test_fits_and_current():
     assert graph.current([w]) and not graph.current([w.clone()]) and not graph.current([w, w])
 
 
-def test_cuda_graph_argument_is_checked():
+@pytest.mark.parametrize("value", ["yes", 0, 1])
+def test_cuda_graph_argument_is_checked(value):
     with pytest.raises(TypeError, match="cuda_graph must be None"):
-        OnlineProbe(make_module(), "linear", "embedding", "label", probe=nn.Linear(D_EMB, 3), cuda_graph="yes")
+        OnlineProbe(make_module(), "linear", "embedding", "label", probe=nn.Linear(D_EMB, 3), cuda_graph=value)
 
 
 def fit_with_changing_rate(change, cuda_graph, graph=None, **trainer_kw):
@@ -268,3 +269,129 @@ def test_a_new_learning_rate_is_captured_again_and_used(graphs_on_cpu, change, c
     assert probe.stepper.optimizer.param_groups[0]["lr"] == eager_probe.stepper.optimizer.param_groups[0]["lr"]
     for (key, a), b in zip(eager.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+class L1Probe(OnlineProbe):
+    """A subclass that adds a penalty to the loss: a replay, which does not call compute_loss, would drop it."""
+
+    def compute_loss(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = super().compute_loss(trainer, pl_module, outputs, batch, batch_idx)
+        return loss + 0.5 * self.trainable_module(pl_module).weight.abs().sum()
+
+
+def test_a_subclass_that_overrides_the_loss_runs_eagerly(graphs_on_cpu):
+    def run(cuda_graph):
+        model = make_module(optim={"type": "SGD", "lr": 0.05})
+        torch.manual_seed(3)
+        probe = L1Probe(
+            model, "l1", "embedding", "label", probe=nn.Linear(D_EMB, 3), optimizer="AdamW", cuda_graph=cuda_graph
+        )
+        probe._graph = graph = ReplayingGraph()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+        return model.callbacks_modules["l1"].weight, graph, [str(w.message) for w in caught]
+
+    eager, _, _ = run(False)
+    weight, graph, messages = run(True)
+    assert graph.captures == 0 and torch.equal(weight, eager)
+    assert any("L1Probe overrides compute_loss" in m for m in messages)
+
+
+class RunningCenter(nn.Module):
+    """Centres features with a running mean that its forward rebinds (not in place), and counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(D_EMB, NUM_CLASSES)
+        self.register_buffer("mean", torch.zeros(D_EMB))
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training:
+            self.mean = 0.9 * self.mean + 0.1 * x.detach().mean(0)
+            self.calls += 1
+        return self.linear(x - self.mean)
+
+
+class TracingGraph(ReplayingGraph):
+    """As a CUDA capture: the body's Python runs once at capture (here its kernels run too, on scratch values)."""
+
+    def capture(self, body, x, y, dtype, held, settings=None):
+        super().capture(body, x, y, dtype, held, settings)
+        body(*self._inputs)
+
+
+def test_a_failed_capture_puts_back_what_it_rebound(graphs_on_cpu):
+    model = make_module(optim={"type": "SGD", "lr": 0.05})
+    probe = OnlineProbe(
+        model, "center", "embedding", "label", probe=RunningCenter(), optimizer="AdamW", cuda_graph=True
+    )
+    probe._graph = graph = TracingGraph()
+    module = model.callbacks_modules["center"]
+    seen = []
+
+    class Watch(Callback):  # after each probe step: the buffer object, and the call count
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((module.mean, module.calls))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(max_epochs=1, callbacks=[probe, Watch()]).fit(model, dict_loader())
+    # Batches 2 and 3 tried to capture and failed; each then ran eagerly from the state before the capture.
+    assert graph.captures == 2 and graph.replays == 0
+    assert [calls for _, calls in seen] == [1, 2, 3, 4, 5, 6]  # the captures' own calls were undone
+    assert len({id(mean) for mean, _ in seen}) == 6  # the eager forward rebinds it each time, as it should
+    failed = [str(w.message) for w in caught if "capturing the training step" in str(w.message)]
+    assert len(failed) == 1 and "probe.mean" in failed[0] and "probe.calls" in failed[0] and "HINT" in failed[0]
+
+
+def test_a_rebuilt_optimizer_warms_up_and_is_captured_again(graphs_on_cpu):
+    model = make_module(optim={"type": "SGD", "lr": 0.05})
+    probe = OnlineProbe(
+        model, "p", "embedding", "label", probe=nn.Linear(D_EMB, NUM_CLASSES), optimizer="AdamW", cuda_graph=True
+    )
+    probe._graph = graph = ReplayingGraph()
+    make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+    model.callbacks_modules["p"].bias.requires_grad_(False)  # a new set of parameters: a new optimizer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+    assert graph.captures == 2 and graph.replays == 2 * (6 - 2)
+    assert not [w for w in caught if "cuda_graph" in str(w.message)]
+
+
+def test_by_default_only_known_layers_are_captured(graphs_on_cpu):
+    def run(cuda_graph):
+        model = make_module(optim={"type": "SGD", "lr": 0.05})
+        probe = OnlineProbe(model, "p", "embedding", "label", probe=Custom(), optimizer="AdamW", cuda_graph=cuda_graph)
+        probe._graph = graph = ReplayingGraph()
+        make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+        return graph, probe
+
+    class Custom(nn.Module):  # a forward sslprobe cannot vouch for
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(D_EMB, NUM_CLASSES)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    graph, probe = run(None)
+    assert graph.captures == 0 and "Custom" in probe._graph_blocker and "cuda_graph=True" in probe._graph_blocker
+    graph, _ = run(True)
+    assert graph.captures == 1
+
+
+def test_a_changed_layer_setting_is_captured_again(graphs_on_cpu):
+    model = make_module(optim={"type": "SGD", "lr": 0.05})
+    probe = OnlineProbe(model, "p", "embedding", "label", probe=LinearProbe(NUM_CLASSES, in_features=D_EMB))
+    probe._graph = graph = ReplayingGraph()
+
+    class Slower(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 4:
+                next(m for m in model.callbacks_modules["p"].modules() if isinstance(m, nn.BatchNorm1d)).eps = 1e-3
+
+    make_trainer(max_epochs=1, callbacks=[Slower(), probe]).fit(model, dict_loader())
+    assert graph.captures == 2

@@ -125,6 +125,11 @@ def test_captures_safely_only_for_steps_that_change_state_in_place():
     assert not captures_safely(fused)  # a tensor rate goes through Optimizer.step
     assert not captures_safely(torch.optim.AdamW([w], lr=0.1, foreach=True))
     assert not captures_safely(torch.optim.SGD([w], lr=0.1, momentum=0.9))
-    assert captures_safely(LARS([w], lr=0.1, momentum=0.9))
-    assert not captures_safely(LARS([w], lr=0.1, momentum=0.9, dampening=0.5))
+    lars = LARS([w], lr=0.1, momentum=0.9)
+    assert not captures_safely(lars)  # its momentum buffers are made at the first step
+    conditional_step(lars, torch.tensor(1.0))  # even a skipped one
+    assert captures_safely(lars)
+    damped = LARS([w], lr=0.1, momentum=0.9, dampening=0.5)
+    conditional_step(damped, torch.tensor(0.0))
+    assert not captures_safely(damped)
     assert captures_safely(LARS([w], lr=0.1, momentum=0.0, dampening=0.5))

@@ -3,13 +3,108 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim import Optimizer
 
-__all__ = ["StepGraph"]
+from sslprobe.optim.conditional_step import forget_plan
+
+__all__ = ["Rollback", "StepGraph", "host_settings", "module_tensors"]
+
+_SCALARS = (bool, int, float, str, tuple, type(None))
+
+
+def module_tensors(modules: Iterable[nn.Module]) -> list[Tensor]:
+    """The parameters and buffers of ``modules``, each read from its own module's tables (no tree walks).
+
+    Examples:
+        >>> len(module_tensors([torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)]))
+        7
+    """
+    tensors: list[Any] = []
+    for module in modules:
+        tensors += module._parameters.values()
+        tensors += module._buffers.values()
+    return [t for t in tensors if t is not None]
+
+
+def host_settings(modules: Iterable[nn.Module]) -> tuple:
+    """The public Python values of ``modules`` (sizes, eps, momentum, training): what a capture bakes in.
+
+    Examples:
+        >>> host_settings([torch.nn.Linear(2, 3)])
+        (('training', True), ('in_features', 2), ('out_features', 3))
+    """
+    return tuple(item for module in modules for item in _public_values(module).items())
+
+
+class Rollback:
+    """What a capture's Python may rebind, recorded before it: module tensors and values, optimizer state, metrics.
+
+    A capture runs the body's Python once but none of its kernels, so a tensor the body creates and keeps (a
+    buffer rebound as ``self.mean = 0.9 * self.mean + ...``, optimizer state made on first use) holds garbage;
+    :meth:`restore` puts the recorded objects back.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], optimizer: Optimizer, metrics: Mapping[str, Any]) -> None:
+        self._modules = {
+            name: (module, dict(module._parameters), dict(module._buffers), _public_values(module))
+            for name, module in modules.items()
+        }
+        self._optimizer = optimizer
+        self._state = {p: dict(state) for p, state in optimizer.state.items()}
+        self._metrics = {
+            name: (metric, dict(vars(metric)), {k: getattr(metric, k) for k in metric._defaults})
+            for name, metric in metrics.items()
+        }
+
+    def restore(self, keep: bool) -> list[str]:
+        """Undo the update counts the capture recorded, and, unless ``keep``, everything it rebound.
+
+        Returns the names of what it had rebound.
+        """
+        replaced: list[str] = []
+        for name, (metric, attributes, states) in self._metrics.items():
+            for key in ("_update_count", "_computed"):
+                vars(metric)[key] = attributes[key]  # a replay records its own update
+            if not keep:
+                replaced += [f"metric {name}.{k}" for k, v in states.items() if getattr(metric, k) is not v]
+                for key, value in states.items():
+                    setattr(metric, key, value)
+        if keep:
+            return replaced
+        for name, (module, parameters, buffers, values) in self._modules.items():
+            for table, saved in ((module._parameters, parameters), (module._buffers, buffers)):
+                replaced += [f"{name}.{k}" for k in table if k not in saved or table[k] is not saved[k]]
+                table.clear()
+                table.update(saved)
+            changed = [k for k, v in _public_values(module).items() if values.get(k, v) != v or k not in values]
+            replaced += [f"{name}.{k}" for k in changed]
+            for key in changed:
+                if key in values:
+                    vars(module)[key] = values[key]
+        state = self._optimizer.state
+        for param in list(state):
+            saved_state = self._state.get(param)
+            if saved_state is None:
+                del state[param]
+                replaced.append("optimizer state")
+            elif (
+                any(state[param].get(k) is not v for k, v in saved_state.items())
+                or state[param].keys() != saved_state.keys()
+            ):
+                state[param].clear()
+                state[param].update(saved_state)
+                replaced.append("optimizer state")
+        forget_plan(self._optimizer)
+        return list(dict.fromkeys(replaced))
+
+
+def _public_values(module: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, _SCALARS)}
 
 
 class StepGraph:
@@ -71,8 +166,8 @@ class StepGraph:
 
     def replay(self, x: Tensor, y: Tensor) -> Any:
         """Copy ``(x, y)`` into the static inputs (casting ``x``) and replay; returns the capture's outputs."""
-        static_x, static_y = self._inputs  # type: ignore[misc]
-        static_x.copy_(x)
+        static_x, static_y = self._inputs  # type: ignore[misc]  # set by capture; callers check `fits` first
+        static_x.copy_(x.detach())  # features may require grad: the copy must not join the main model's graph
         static_y.copy_(y)
         self._graph.replay()
         return self._outputs
@@ -97,7 +192,7 @@ class StepGraph:
         device = x.device
         static_x = x.detach().to(dtype=dtype, copy=True)
         static_y = y.detach().clone()
-        if self._stream is None:
+        if self._stream is None or self._stream.device != device:
             self._stream = torch.cuda.Stream(device)
         current = torch.cuda.current_stream(device)
         self._stream.wait_stream(current)

@@ -27,9 +27,10 @@ from sslprobe._metrics import (
     reset_metric,
 )
 from sslprobe._rng import needs_private_rng
-from sslprobe.callbacks._step_graph import StepGraph
+from sslprobe.callbacks._step_graph import Rollback, StepGraph, host_settings, module_tensors
 from sslprobe.callbacks.base import TrainableCallback, ensure_containers
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
+from sslprobe.optim.stepper import Stepper
 
 __all__ = ["OnlineProbe"]
 
@@ -53,6 +54,11 @@ def _converted(x: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     result = x.detach().to(device=device, dtype=dtype)
     _last_conversion[:] = [x, dtype, device, result]
     return result
+
+
+def _known_module(module: nn.Module) -> bool:
+    """A layer of torch.nn or of sslprobe: its forward reads no Python value that changes between steps."""
+    return type(module).__module__.startswith(("torch.nn.", "sslprobe."))
 
 
 def _first_param(module: nn.Module) -> Tensor | None:
@@ -147,7 +153,7 @@ class OnlineProbe(TrainableCallback):
         cuda_graph: bool | None = None,
     ) -> None:
         owner = f"{type(self).__name__}(name={name!r})"
-        if cuda_graph not in (None, True, False):
+        if not (cuda_graph is None or isinstance(cuda_graph, bool)):
             raise TypeError(f"{owner}: cuda_graph must be None (when possible), True or False, got {cuda_graph!r}.")
         input = check_locator(input, "input", owner)
         target = check_locator(target, "target", owner)
@@ -178,7 +184,7 @@ class OnlineProbe(TrainableCallback):
         self._checked: set[str] = set()
         self.cuda_graph = cuda_graph
         self._graph = StepGraph()
-        self._graph_key: tuple[int, ...] | None = None  # (probe, stepper) the cached answer below is for
+        self._graph_key: tuple[Any, ...] | None = None  # (probe, stepper, device) the answer below is for
         self._graph_blocker: str | None = None  # why this step cannot be captured, or None
         self._graph_found: Tensor | None = None
         self._graph_metrics: list[Any] = []  # train metrics updated inside the graph
@@ -216,7 +222,7 @@ class OnlineProbe(TrainableCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Train the probe one step on this batch: replayed from a CUDA graph where it can be, else eagerly."""
-        if self.cuda_graph is False or self._graph_failures >= 2:
+        if self.cuda_graph is False:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
         probe = self.trainable_module(pl_module)
@@ -228,17 +234,15 @@ class OnlineProbe(TrainableCallback):
         if blocker is None:
             features = self._features(outputs, batch)
             target = self._target(outputs, batch, required=True)
-            blocker = self._input_blocker(probe, features, target)
+            blocker = self._input_blocker(stepper, features, target)
         graph = self._graph
         if blocker is not None or (graph.captured and not graph.fits(features, target)):
             # Another shape (the last, smaller batch) runs eagerly on the same tensors; the graph stays.
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
-        if graph.captured and not graph.current(
-            self._graph_held(probe, stepper, self._graph_metrics), stepper.settings()
-        ):
-            # A move, a checkpoint load or a metric reset replaced tensors the graph writes to, or the learning rate
-            # (an epoch scheduler, a user) or another hyperparameter changed: capture again.
+        if graph.captured and not graph.current(*self._graph_state(probe, stepper, self._graph_metrics)):
+            # A move, a checkpoint load or a metric reset replaced tensors the graph writes to, or a learning rate
+            # (an epoch scheduler, a user) or another host value changed: capture again.
             graph.drop()
         warming = self._eager_steps < _GRAPH_WARMUP
         if not graph.captured and (warming or not self._capture(pl_module, probe, stepper, features, target)):
@@ -246,7 +250,7 @@ class OnlineProbe(TrainableCallback):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
         loss, preds = graph.replay(features, target)
-        stepper.end_step()
+        stepper.end_step(self._graph_found)
         preds = preds.clone()  # the graph's output is overwritten by the next replay
         self._store_preds(preds, outputs, batch)
         for metric in self._split_metrics(pl_module, "train").values():
@@ -256,82 +260,101 @@ class OnlineProbe(TrainableCallback):
                 metric.update(preds, target)
         self._log_loss(trainer, pl_module, loss, shared=True)
 
-    def _graph_blocker_for(self, probe: nn.Module, stepper: Any) -> str | None:
-        """Why this probe's step cannot be a CUDA graph (None: it can); cached per probe and stepper."""
-        key = (id(probe), id(stepper))
+    def _graph_blocker_for(self, probe: nn.Module, stepper: Stepper) -> str | None:
+        """Why this probe's step cannot be a CUDA graph (None: it can), decided once per probe, optimizer and device.
+
+        A new optimizer (the probe's trainable parameters changed) or device starts afresh: two eager steps, and
+        two tries at capturing.
+        """
+        key = (id(probe), id(stepper), stepper.params[0].device)
         if key != self._graph_key:
             self._graph_key = key
-            self._graph_blocker = self._graph_blocker_of(probe, stepper)
-            if self._graph_blocker is not None and self.cuda_graph:
-                warning_cache.warn(
-                    f"{self._owner}: cuda_graph=True, but the training step runs eagerly: {self._graph_blocker}."
-                )
+            self._graph.drop()
+            self._eager_steps = self._graph_failures = 0
+            self._set_blocker(self._graph_blocker_of(probe, stepper))
         return self._graph_blocker
 
-    def _graph_blocker_of(self, probe: nn.Module, stepper: Any) -> str | None:
+    def _set_blocker(self, reason: str | None) -> None:
+        self._graph_blocker = reason
+        if reason is not None and self.cuda_graph:
+            warning_cache.warn(f"{self._owner}: cuda_graph=True, but the training step runs eagerly: {reason}.")
+
+    def _graph_blocker_of(self, probe: nn.Module, stepper: Stepper) -> str | None:
         device = stepper.params[0].device
+        own = OnlineProbe
+        if type(self).compute_loss is not own.compute_loss or type(self)._forward is not own._forward:
+            return f"{type(self).__name__} overrides compute_loss or _forward, which a replay would not call"
         if not stepper.direct:
             return "it accumulates gradients or averages them across processes"
-        if stepper._steps_scheduler and stepper.interval == "step":
+        if stepper.rate_moves_every_step:
             return (
                 "a scheduler moves the learning rate at every step (a constant rate, or a scheduler with "
                 "interval='epoch', lets the step be captured)"
             )
         if needs_private_rng(probe):
             return "the probe draws random numbers (dropout)"
-        if any(p.device != device for p in [*probe.parameters(), *probe.buffers()]):
+        if self.cuda_graph is None:
+            # Layers of torch.nn and sslprobe read no Python value that changes between steps; other code may (a
+            # counter, a schedule, a random draw), and a replay would repeat the value it had at capture.
+            unknown = sorted({type(m).__name__ for m in self._graph_modules(probe) if not _known_module(m)})
+            if unknown or not isinstance(self._loss, nn.Module):
+                what = ", ".join(unknown) if unknown else f"the loss {self._loss!r}"
+                return (
+                    f"it runs code sslprobe does not know ({what}). Pass cuda_graph=True to capture it anyway, if "
+                    "its forward reads no Python value that changes between steps and draws no random numbers"
+                )
+        if any(t.device != device for t in [*probe.parameters(), *probe.buffers()]):
             return "the probe's tensors are on several devices"
         if device.type != "cuda":
             return f"the probe is on {device.type}, not on a CUDA device"
         return None
 
-    def _input_blocker(self, probe: nn.Module, features: Tensor, target: Tensor) -> str | None:
-        device = self._stepper.params[0].device  # type: ignore[union-attr]
+    def _input_blocker(self, stepper: Stepper, features: Tensor, target: Tensor) -> str | None:
+        device = stepper.params[0].device
         if not features.is_floating_point() or features.device != device or target.device != device:
             return "the features are not floating point on the probe's device"
         return None
 
-    def _graph_held(self, probe: nn.Module, stepper: Any, metrics: list[Any]) -> list[Tensor]:
-        """Every tensor the captured step reads or writes besides its inputs and outputs."""
-        # Read every step, so read directly: each module's own tables (parameters() and buffers() walk the tree
-        # twice, at several times the cost).
-        held: list[Any] = []
-        modules = probe.modules() if not isinstance(self._loss, nn.Module) else (*probe.modules(), self._loss)
-        for module in modules:
-            held += module._parameters.values()
-            held += module._buffers.values()
-        held = [t for t in held if t is not None]
+    def _graph_modules(self, probe: nn.Module) -> tuple[nn.Module, ...]:
+        return (*probe.modules(), self._loss) if isinstance(self._loss, nn.Module) else tuple(probe.modules())
+
+    def _graph_state(self, probe: nn.Module, stepper: Stepper, metrics: list[Any]) -> tuple[list[Tensor], tuple]:
+        """What a replay depends on: the tensors and the host values it was captured with.
+
+        The tensors are every one it reads or writes besides its inputs and outputs; the host values are the
+        optimizer's hyperparameters and the layers' settings, which its kernels were given.
+        """
+        modules = self._graph_modules(probe)
+        held = module_tensors(modules)
         held += stepper.tensors()
         held += self._buffers_of(probe)[1]
         if self._graph_found is not None:
             held.append(self._graph_found)
         for metric in metrics:
             held += metric_states(metric)
-        return held
+        return held, (stepper.settings(), host_settings(modules))
 
     def _capture(
-        self, pl_module: pl.LightningModule, probe: nn.Module, stepper: Any, features: Tensor, target: Tensor
+        self, pl_module: pl.LightningModule, probe: nn.Module, stepper: Stepper, features: Tensor, target: Tensor
     ) -> bool:
         """Capture this probe's training step; False (with everything as it was) where it cannot be."""
+        if self._graph_failures >= 2:
+            return False
         if not stepper.capturable:
-            self._graph_blocker = (
+            # After the warm-up steps the optimizer's state exists, so this does not change by itself.
+            self._set_blocker(
                 f"its optimizer ({type(stepper.optimizer).__name__}) is not one a graph can replay: use fused "
-                "Adam/AdamW (the default for Adam/AdamW on a GPU) or LARS without dampening, at a constant rate"
+                "Adam/AdamW (the default for Adam/AdamW) or LARS without dampening"
             )
-            if self.cuda_graph:
-                warning_cache.warn(
-                    f"{self._owner}: cuda_graph=True, but the training step runs eagerly: {self._graph_blocker}."
-                )
             return False
         device = stepper.params[0].device
         if self._graph_found is None or self._graph_found.device != device:
             self._graph_found = torch.zeros((), dtype=torch.float32, device=device)
         loss_fn = self._loss_on(device)
         found = self._graph_found
-        train_metrics = list(self._split_metrics(pl_module, "train").values())
         # The first try updates the metrics inside the graph; if it fails, the second leaves them out.
-        captured = [m for m in train_metrics if capturable_metric(m)] if self._graph_failures == 0 else []
-        before = [(metric_states(m), m._update_count, m._computed) for m in captured]
+        train_metrics = dict(self._split_metrics(pl_module, "train").items())
+        captured = [m for m in train_metrics.values() if capturable_metric(m)] if self._graph_failures == 0 else []
         buffers, saved = self._buffers_of(probe)
 
         def body(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -351,34 +374,39 @@ class OnlineProbe(TrainableCallback):
                         torch.where(keep, buffer, old, out=buffer)
             return loss.detach(), detached
 
-        held = self._graph_held(probe, stepper, captured)
+        # Capturing runs the body's Python once (its kernels are recorded, not run): what it rebinds is undone.
+        modules = {f"probe {name}" if name else "probe": m for name, m in probe.named_modules()}
+        if isinstance(self._loss, nn.Module):
+            modules["loss"] = self._loss
+        rollback = Rollback(modules, stepper.optimizer, {n: m for n, m in train_metrics.items() if m in captured})
         error: BaseException | None = None
+        held, settings = self._graph_state(probe, stepper, captured)
         try:
-            self._graph.capture(body, features, target, stepper.params[0].dtype, held, stepper.settings())
+            self._graph.capture(body, features, target, stepper.params[0].dtype, held, settings)
         except Exception as err:  # an operation a graph cannot hold, e.g. a host sync in a metric or a loss
             error = err
-        # Undo the capture's host-side effects: replays record their own updates; a metric whose update replaced
-        # its state tensors (rather than changing them in place) cannot be replayed.
-        for metric, (_, count, computed) in zip(captured, before):
-            metric._update_count, metric._computed = count, computed
-        if error is None and not self._graph.current(self._graph_held(probe, stepper, captured), stepper.settings()):
-            error = RuntimeError("the step replaced tensors instead of updating them in place")
+        if error is None and not self._graph.current(*self._graph_state(probe, stepper, captured)):
+            error = RuntimeError("it rebinds state or changes Python values instead of updating tensors in place")
+        replaced = rollback.restore(keep=error is None)
         if error is None:
             self._graph_metrics = captured
             log.debug("%s: captured the training step as a CUDA graph", self._owner)
             return True
-        for metric, (states, _, _) in zip(captured, before):
-            for name, state in zip(metric._defaults, states):
-                setattr(metric, name, state)
         self._graph.drop()
         self._graph_failures += 1
-        message = f"{self._owner}: capturing the training step as a CUDA graph failed ({error})"
+        where = f" (it replaced {', '.join(replaced)})" if replaced else ""
+        message = f"{self._owner}: capturing the training step as a CUDA graph failed: {error}{where}"
         if self._graph_failures < 2:
             log.debug("%s; trying once more, with the metrics updated outside the graph", message)
-        elif self.cuda_graph:
-            warning_cache.warn(f"{message}; the step runs eagerly.")
+            return False
+        message += (
+            "; the step runs eagerly. HINT: update state in place (buffer.mul_(m).add_(x), not buffer = m * buffer "
+            "+ x) and read no host value in the step, or pass cuda_graph=False to skip the attempt."
+        )
+        if self.cuda_graph:
+            warning_cache.warn(message)
         else:
-            log.info("%s; the step runs eagerly.", message)
+            log.info(message)
         return False
 
     # ------------------------------------------------------------------ evaluation hooks

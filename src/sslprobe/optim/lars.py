@@ -102,8 +102,13 @@ class LARS(Optimizer):
 
     @property
     def captures_safely(self) -> bool:
-        """Whether a step can be replayed from a CUDA graph: every buffer changes in place (no dampening)."""
-        return all(group["momentum"] == 0 or group["dampening"] == 0 for group in self.param_groups)
+        """Whether a step can be replayed from a CUDA graph: every momentum buffer exists and changes in place."""
+        for group in self.param_groups:
+            if group["momentum"] == 0:
+                continue
+            if group["dampening"] != 0 or any(self.state[p].get("momentum_buffer") is None for p in group["params"]):
+                return False
+        return True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, *, found_inf: Tensor | None = None) -> Tensor | None:

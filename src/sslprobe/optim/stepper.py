@@ -208,8 +208,12 @@ class Stepper:
         step-interval scheduler; an epoch-interval one means a new capture per epoch) and an optimizer that
         updates its state in place (see :func:`~sslprobe.optim.conditional_step.captures_safely`).
         """
-        moving = self._steps_scheduler and self.interval == "step"
-        return self.direct and not moving and captures_safely(self.optimizer)
+        return self.direct and not self.rate_moves_every_step and captures_safely(self.optimizer)
+
+    @property
+    def rate_moves_every_step(self) -> bool:
+        """Whether a scheduler changes the learning rate after every optimizer step."""
+        return self._steps_scheduler and self.interval == "step"
 
     def settings(self) -> tuple:
         """The host values a captured step bakes into its kernels: every hyperparameter of every group."""
@@ -229,8 +233,10 @@ class Stepper:
         self._step(grads, found)
         self._skipped.add_(found)
 
-    def end_step(self) -> None:
-        """The host half of a captured direct step: counters and the step-interval scheduler."""
+    def end_step(self, found: Tensor | None = None) -> None:
+        """The host half of a captured direct step: counters, the scheduler, and ``found`` as :attr:`last_found`."""
+        if found is not None:
+            self.last_found = found
         self._end_window()
 
     def tensors(self) -> list[Tensor]:
