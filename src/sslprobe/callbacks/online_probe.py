@@ -106,11 +106,12 @@ class OnlineProbe(TrainableCallback):
             ``{"train": ..., "val": ...}``; ``None`` tracks top-1 accuracy (``top1``) with cross-entropy, nothing
             with another loss.
         cuda_graph: on a GPU, capture the probe's whole training step (forward, loss, gradients, update, metric
-            counts) as a CUDA graph after two eager steps and replay it, one launch instead of dozens; the numbers
-            are those of the eager step. ``None`` (default) does so whenever the step allows it: one process, no
-            accumulation, a learning rate that does not move at every step (no step-interval scheduler; an epoch
-            one is captured again at each change), a fused Adam(W) or LARS optimizer,
-            no dropout, batches of one shape (others run eagerly). ``True`` also warns when it cannot; ``False``
+            counts) as a CUDA graph after two eager steps and replay it: one launch instead of dozens, with the
+            numbers of the eager step. ``None`` (default) does so where the step allows it: one process, no
+            accumulation, no scheduler that moves the rate at every step (an epoch one is captured again at each
+            change), a fused Adam(W) or LARS optimizer, no dropout, layers of ``torch.nn`` and sslprobe only.
+            Batches of another shape run eagerly. ``True`` also captures other layers (their forward must read no
+            Python value that changes and draw no random numbers) and warns where it cannot capture; ``False``
             never captures.
 
     Raises:
