@@ -138,6 +138,7 @@ def test_graph_path_trains_and_measures_exactly_as_the_eager_step(graphs_on_cpu)
     assert [p.skipped_batches for p in probes] == [p.skipped_batches for p in eager_probes] == [1, 1, 1]
     assert [p.stepper.steps for p in probes] == [14, 14, 14]
     assert len(probes[0]._graph_metrics) == 1 and probes[2]._graph_metrics == []  # top-1 inside the graph
+    assert not any(g.captured for g in graphs)  # released when the fit ended, with the memory they kept alive
 
 
 def test_predictions_outlive_the_next_replay(graphs_on_cpu):

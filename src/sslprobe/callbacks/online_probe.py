@@ -464,6 +464,12 @@ class OnlineProbe(TrainableCallback):
             outputs[f"{self.name}_preds"] = batch[f"{self.name}_preds"]
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Release the CUDA graph and the tensors it keeps alive (the next fit captures afresh anyway)."""
+        self._graph.drop()
+        self._graph_key = None
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log ``train/{name}_{metric}`` for the epoch, then the base's scheduler and warnings."""
         self._log_metrics(pl_module, "train")
