@@ -14,6 +14,7 @@ from torchmetrics import Metric, MetricCollection
 __all__ = [
     "STAGE_KEY",
     "STAGE_PREFIX",
+    "InPlaceReset",
     "MetricsSpec",
     "Top1Accuracy",
     "capturable_metric",
@@ -84,7 +85,35 @@ def snake_case(name: str) -> str:
     return name.lower()
 
 
-class Top1Accuracy(Metric):
+class InPlaceReset(Metric):
+    """A metric whose ``reset`` zeroes its tensor states where they are.
+
+    A CUDA graph that updates the states then keeps writing to the right memory across epochs (torchmetrics' own
+    reset makes new tensors).
+
+    Examples:
+        >>> metric = Top1Accuracy()
+        >>> before = metric.correct
+        >>> metric.reset()
+        >>> metric.correct is before
+        True
+    """
+
+    def reset(self) -> None:
+        kept = {name: getattr(self, name) for name in self._defaults}
+        super().reset()
+        for name, old in kept.items():
+            new = getattr(self, name)
+            if (
+                isinstance(old, Tensor)
+                and old.device == new.device
+                and old.shape == new.shape
+                and not old.is_inference()
+            ):
+                setattr(self, name, old.copy_(new))
+
+
+class Top1Accuracy(InPlaceReset):
     """Top-1 accuracy of logits ``(B, C)`` (or class indices ``(B,)``) against integer targets ``(B,)``.
 
     Needs no ``num_classes``, so it can be the default metric of a probe whose size is inferred. Its update is two
@@ -118,15 +147,6 @@ class Top1Accuracy(Metric):
 
     def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp(min=1)
-
-    def reset(self) -> None:
-        """Reset to zero in place, so that a CUDA graph that updates the counts keeps writing to the right memory."""
-        kept = (self.correct, self.total)
-        super().reset()
-        for name, old in zip(("correct", "total"), kept):
-            new = getattr(self, name)
-            if old.device == new.device and not old.is_inference():
-                setattr(self, name, old.copy_(new))
 
 
 def _check_name(name: Any, owner: str) -> str:

@@ -14,7 +14,7 @@ import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from sslprobe.callbacks import OnlineProbe
+from sslprobe.callbacks import OnlineProbe, ProbeSweep
 from sslprobe.callbacks._step_graph import StepGraph
 from sslprobe.probes import LinearProbe
 from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
@@ -48,7 +48,8 @@ class ReplayingGraph(StepGraph):
             self._outputs = outputs
         else:  # as a graph's outputs: the same tensors, overwritten at every replay
             for kept, new in zip(self._outputs, outputs):
-                kept.copy_(new)
+                if kept is not None:
+                    kept.copy_(new)
         return self._outputs
 
 
@@ -396,3 +397,32 @@ def test_a_changed_layer_setting_is_captured_again(graphs_on_cpu):
 
     make_trainer(max_epochs=1, callbacks=[Slower(), probe]).fit(model, dict_loader())
     assert graph.captures == 2
+
+
+def fit_sweep(cuda_graph, graph=None, **trainer_kw):
+    """A 4-head AdamW ProbeSweep for two epochs, with a NaN batch and a smaller last batch."""
+    model = make_module(optim={"type": "SGD", "lr": 0.05})
+    torch.manual_seed(3)
+    sweep = ProbeSweep(
+        model, "sweep", "embedding", "label", num_classes=NUM_CLASSES, lrs=[0.01, 0.1], cuda_graph=cuda_graph
+    )
+    if graph is not None:
+        sweep._graph = graph
+    trainer = make_trainer(max_epochs=2, callbacks=[Poison(), sweep], **trainer_kw)
+    trainer.fit(model, dict_loader(n=52), dict_loader(n=24))
+    return model, sweep, trainer
+
+
+def test_the_sweep_step_is_replayed_exactly_as_the_eager_step(graphs_on_cpu):
+    eager_model, eager_sweep, eager_trainer = fit_sweep(False)
+    graph = ReplayingGraph()
+    model, sweep, trainer = fit_sweep(None, graph)
+    # The bank is lazy: its first batch builds it, two more warm up. One capture serves both epochs: the top-1
+    # counts and the per-head loss sums are reset in place.
+    assert graph.captures == 1 and graph.replays == 3 + 6 and len(sweep._graph_metrics) == 1
+    for (key, a), b in zip(eager_model.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert eager_trainer.callback_metrics.keys() == trainer.callback_metrics.keys()
+    for key, value in eager_trainer.callback_metrics.items():  # per-head losses and accuracies, the best head
+        assert torch.equal(trainer.callback_metrics[key], value), key
+    assert sweep.best_head == eager_sweep.best_head and sweep.skipped_batches == eager_sweep.skipped_batches == 1

@@ -209,12 +209,27 @@ class OnlineProbe(TrainableCallback):
         target = self._target(outputs, batch, required=True)
         preds = self._forward(probe, features, "train")
         self._check_target(preds, target, "train")
-        loss = self._loss_on(preds.device)(preds, target)
-        detached = preds.detach()
-        self._store_preds(detached, outputs, batch)
+        loss, shown, extras = self._train_outputs(preds, target)
+        self._record_step(extras)
+        self._store_preds(shown, outputs, batch)
         for metric in self._split_metrics(pl_module, "train").values():
-            metric.update(detached, target)
+            metric.update(shown, target)
         return loss
+
+    def _train_outputs(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """The device part of a training step after the forward.
+
+        Returns the loss, the detached predictions that the metrics and the batch get, and anything
+        :meth:`_record_step` keeps. It is replayed from a CUDA graph, so it must change state only in place.
+        """
+        return self._loss_on(preds.device)(preds, target), preds.detach(), None
+
+    def _record_step(self, extras: Any) -> None:
+        """The host part of a training step: keep ``extras`` of :meth:`_train_outputs` (run after every step)."""
+
+    def _graph_tensors(self) -> list[Tensor]:
+        """Tensors of this callback that :meth:`_train_outputs` changes in place (held by a CUDA graph)."""
+        return []
 
     # ------------------------------------------------------------------ the training step as a CUDA graph
 
@@ -250,8 +265,9 @@ class OnlineProbe(TrainableCallback):
             self._eager_steps += 1
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
-        loss, preds = graph.replay(features, target)
+        loss, preds, extras = graph.replay(features, target)
         stepper.end_step(self._graph_found)
+        self._record_step(extras)
         preds = preds.clone()  # the graph's output is overwritten by the next replay
         self._store_preds(preds, outputs, batch)
         for metric in self._split_metrics(pl_module, "train").values():
@@ -329,6 +345,7 @@ class OnlineProbe(TrainableCallback):
         held = module_tensors(modules)
         held += stepper.tensors()
         held += self._buffers_of(probe)[1]
+        held += self._graph_tensors()
         if self._graph_found is not None:
             held.append(self._graph_found)
         for metric in metrics:
@@ -351,29 +368,26 @@ class OnlineProbe(TrainableCallback):
         device = stepper.params[0].device
         if self._graph_found is None or self._graph_found.device != device:
             self._graph_found = torch.zeros((), dtype=torch.float32, device=device)
-        loss_fn = self._loss_on(device)
         found = self._graph_found
         # The first try updates the metrics inside the graph; if it fails, the second leaves them out.
         train_metrics = dict(self._split_metrics(pl_module, "train").items())
         captured = [m for m in train_metrics.values() if capturable_metric(m)] if self._graph_failures == 0 else []
         buffers, saved = self._buffers_of(probe)
 
-        def body(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        def body(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Any]:
             if buffers:
                 torch._foreach_copy_(saved, buffers)
             with torch.enable_grad():
-                preds = probe(x)
-                loss = loss_fn(preds, y)
-            detached = preds.detach()
+                loss, shown, extras = self._train_outputs(probe(x), y)
             for metric in captured:
-                metric.update(detached, y)
+                metric.update(shown, y)
             stepper.device_step(loss, found)
             if buffers:
                 keep = found == 0
                 with torch.no_grad():
                     for buffer, old in zip(buffers, saved):
                         torch.where(keep, buffer, old, out=buffer)
-            return loss.detach(), detached
+            return loss.detach(), shown, extras
 
         # Capturing runs the body's Python once (its kernels are recorded, not run): what it rebinds is undone.
         modules = {f"probe {name}" if name else "probe": m for name, m in probe.named_modules()}

@@ -14,7 +14,7 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from sslprobe._batch import Locator
-from sslprobe._metrics import STAGE_KEY, STAGE_PREFIX, MetricsSpec, normalize_metrics, reset_metric
+from sslprobe._metrics import STAGE_KEY, STAGE_PREFIX, InPlaceReset, MetricsSpec, normalize_metrics, reset_metric
 from sslprobe.callbacks.online_probe import OnlineProbe
 from sslprobe.optim.sweep_optimizer import SweepOptimizer
 from sslprobe.probes.linear_bank import LinearHeadBank
@@ -32,10 +32,11 @@ _DEFAULT_WEIGHT_DECAYS = (0.0, 5e-4)
 _BANK_LAYOUT = 2  # the bank's weight as (H, C, D) (see LinearHeadBank._version)
 
 
-class HeadsTop1(Metric):
+class HeadsTop1(InPlaceReset):
     """Top-1 accuracy of every head at once: logits ``(H, B, C)``, targets ``(B,)``; ``compute()`` is ``(H,)``."""
 
     full_state_update = False
+    updates_in_place = True  # its update can be replayed from a CUDA graph (see `capturable_metric`)
     higher_is_better = True
     correct: Tensor
     total: Tensor
@@ -109,6 +110,9 @@ class ProbeSweep(OnlineProbe):
             (``momentum``, ``betas``, ``eps``, ``eta``, ``clip_lr``).
         metrics: as for :class:`OnlineProbe`; each metric is tracked for every head. ``None`` tracks top-1
             accuracy (``top1``) for all heads in one vectorised update.
+        cuda_graph: as for :class:`OnlineProbe`: on a GPU the whole sweep's step (the bank, the heads' losses,
+            the AdamW update of every head, the top-1 counts) is replayed from a CUDA graph; the SGD and LARS
+            sweeps run eagerly.
 
     Raises:
         ValueError: for an empty grid, a non-positive learning rate or an unknown optimizer.
@@ -133,6 +137,7 @@ class ProbeSweep(OnlineProbe):
         weight_decays: Sequence[float] | None = None,
         optimizer: str | Mapping[str, Any] | None = None,
         metrics: MetricsSpec = None,
+        cuda_graph: bool | None = None,
     ) -> None:
         owner = f"{type(self).__name__}(name={name!r})"
         kind, shared = self._parse_optimizer(optimizer, owner)
@@ -172,6 +177,7 @@ class ProbeSweep(OnlineProbe):
             probe=LinearHeadBank(num_heads, num_classes),
             optimizer=build_optimizer,
             metrics=metrics,
+            cuda_graph=cuda_graph,
         )
         self.optimizer_kind, self.optimizer_kwargs = kind, shared
         self._head_loss_sum: Tensor | None = None
@@ -218,29 +224,26 @@ class ProbeSweep(OnlineProbe):
         return self._best
 
     @override
-    def compute_loss(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> Tensor | None:
-        bank = self.trainable_module(pl_module)
-        features = self._features(outputs, batch)
-        target = self._target(outputs, batch, required=True)
-        logits = self._forward(bank, features, "train")  # (H, B, C)
-        self._check_target(logits[0], target, "train")
-        h, b, c = logits.shape
-        # The bank's (H, B, C) logits are a view of a contiguous (B, H, C) tensor: the loss reads that directly.
-        by_sample = logits.transpose(0, 1).reshape(b * h, c)
+    def _train_outputs(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Any]:
+        h, b, c = preds.shape  # the bank's (H, B, C) logits, a view of a contiguous (B, H, C) tensor
+        by_sample = preds.transpose(0, 1).reshape(b * h, c)
         targets = target.unsqueeze(1).expand(b, h).reshape(b * h)
         per_head = F.cross_entropy(by_sample, targets, reduction="none").view(b, h).mean(0)
         detached = per_head.detach()
-        self._last_head_losses = detached
-        self._head_loss_sum = detached.clone() if self._head_loss_sum is None else self._head_loss_sum + detached
-        self._head_loss_count += 1
-        preds = logits.detach()
-        self._store_preds(preds[self._best], outputs, batch)
-        for metric in self._split_metrics(pl_module, "train").values():
-            metric.update(preds, target)
+        if self._head_loss_sum is None or self._head_loss_sum.shape != detached.shape:
+            self._head_loss_sum = torch.zeros_like(detached)
+        self._head_loss_sum.add_(detached)  # in place: a CUDA graph replay adds into the same tensor
         # The sum of the heads' losses gives every head exactly its own gradient.
-        return per_head.sum()
+        return per_head.sum(), preds.detach(), detached
+
+    @override
+    def _record_step(self, extras: Any) -> None:
+        self._last_head_losses = extras
+        self._head_loss_count += 1
+
+    @override
+    def _graph_tensors(self) -> list[Tensor]:
+        return [] if self._head_loss_sum is None else [self._head_loss_sum]
 
     @override
     def logged_loss(self, loss: Tensor) -> Tensor:
@@ -281,11 +284,12 @@ class ProbeSweep(OnlineProbe):
             if split != "train":
                 for label, value in zip(self.head_labels, values):
                     pl_module.log(f"{prefix}/{self.name}_{label}_{key}", value, on_step=False, on_epoch=True)
-        if split == "train" and self._head_loss_sum is not None:
-            means = self._head_loss_sum / max(self._head_loss_count, 1)
+        if split == "train" and self._head_loss_sum is not None and self._head_loss_count:
+            means = self._head_loss_sum / self._head_loss_count
             for label, value in zip(self.head_labels, means):
                 pl_module.log(f"train/{self.name}_{label}_loss", value, on_step=False, on_epoch=True)
-            self._head_loss_sum, self._head_loss_count = None, 0
+            self._head_loss_sum.zero_()  # in place, as the sum is kept (see `_train_outputs`)
+            self._head_loss_count = 0
 
     @override
     def state_dict(self) -> dict[str, Any]:

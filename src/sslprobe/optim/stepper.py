@@ -216,9 +216,16 @@ class Stepper:
         return self._steps_scheduler and self.interval == "step"
 
     def settings(self) -> tuple:
-        """The host values a captured step bakes into its kernels: every hyperparameter of every group."""
+        """What a captured step bakes into its kernels: every hyperparameter of every group.
+
+        A tensor hyperparameter (the sweep's per-head rates) stands as its identity and in-place version.
+        """
         return tuple(
-            tuple((key, value) for key, value in group.items() if key != "params")
+            tuple(
+                (key, ("tensor", id(value), value._version) if isinstance(value, Tensor) else value)
+                for key, value in group.items()
+                if key != "params"
+            )
             for group in self.optimizer.param_groups
         )
 

@@ -97,6 +97,18 @@ class SweepOptimizer(Optimizer):
                         f"got shape {tuple(p.shape)}."
                     )
 
+    @property
+    def captures_safely(self) -> bool:
+        """Whether a step can be replayed from a CUDA graph: AdamW's fused path, once its state exists."""
+        return all(
+            group["kind"] == "AdamW"
+            and p.device.type in _FUSED_DEVICES
+            and p.dtype in _FUSED_DTYPES
+            and bool(self.state.get(p))
+            for group in self.param_groups
+            for p in group["params"]
+        )
+
     @torch.no_grad()
     def step(self, closure: Any = None, *, found_inf: Tensor | None = None) -> Any:
         """One step for every head; with ``found_inf`` non-zero, nothing changes (decided on the device)."""
