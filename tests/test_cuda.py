@@ -14,7 +14,7 @@ from sslprobe._metrics import Top1Accuracy
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep
 from sslprobe.probes import LinearProbe, MLPProbe
 from tests.callbacks.test_online_probe import FeatureSpy, reference_probe
-from tests.callbacks.test_step_graph import Interrupt, fit_three_probes, fit_with_changing_rate
+from tests.callbacks.test_step_graph import Interrupt, fit_sweep, fit_three_probes, fit_with_changing_rate
 from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -74,8 +74,8 @@ def test_probe_step_makes_no_host_device_sync():
     assert [p.stepper.steps for p in probes[:5]] == [16, 8, 16, 16, 16]
     assert probes[4].stepper._pieces is not None and probes[4].stepper._grad_buffers
     # The LARS and the AdamW probe replayed their steps from CUDA graphs, captured in "error" mode.
-    assert probes[0]._graph.captured and probes[4]._graph.captured
-    assert not probes[1]._graph.captured and not probes[2]._graph.captured  # accumulation; dropout
+    assert probes[0].graphed_steps > 0 and probes[4].graphed_steps > 0 and probes[3].graphed_steps > 0
+    assert probes[1].graphed_steps == probes[2].graphed_steps == 0  # accumulation; dropout
     assert "eval/knn_top1" in trainer.callback_metrics
 
 
@@ -131,7 +131,7 @@ def test_graph_replays_are_bit_identical_to_eager_steps(precision):
     # Fused AdamW, LARS over BatchNorm and a torchmetrics metric; a NaN batch, a smaller last batch, validation.
     eager = fit_three_probes(False, accelerator="gpu", precision=precision)
     graphed = fit_three_probes(None, accelerator="gpu", precision=precision)
-    assert all(p._graph.captured for p in graphed[1]) and not any(p._graph.captured for p in eager[1])
+    assert all(p.graphed_steps == 4 + 6 for p in graphed[1]) and not any(p.graphed_steps for p in eager[1])
     _assert_same_run(eager, graphed)
 
 
@@ -142,7 +142,7 @@ def test_graph_resumes_from_a_checkpoint_exactly(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     fit_three_probes(None, epochs=3, callbacks=[ckpt, Interrupt()], enable_checkpointing=True, accelerator="gpu")
     resumed = fit_three_probes(None, epochs=3, ckpt_path=str(tmp_path / "last.ckpt"), accelerator="gpu")
-    assert all(p._graph.captured for p in resumed[1])
+    assert all(p.graphed_steps > 0 for p in resumed[1])
     for (key, x), y in zip(eager[0].state_dict().items(), resumed[0].state_dict().values()):
         assert torch.equal(x, y), key
 
@@ -184,7 +184,7 @@ def test_a_metric_a_graph_cannot_hold_is_updated_outside_it(metric):
         return model, probe, trainer
 
     model, probe, trainer = run(None)
-    assert probe._graph.captured and probe._graph_failures == 1 and probe._graph_metrics == []
+    assert probe.graphed_steps > 0 and probe._graph_failures == 1 and probe._graph_metrics == []
     reference, _, reference_trainer = run(False)
     for (key, x), y in zip(reference.state_dict().items(), model.state_dict().values()):
         assert torch.equal(x, y), key
@@ -196,6 +196,13 @@ def test_a_metric_a_graph_cannot_hold_is_updated_outside_it(metric):
 def test_a_graph_follows_a_new_learning_rate(change):
     eager, _ = fit_with_changing_rate(change, False, accelerator="gpu")
     model, probe = fit_with_changing_rate(change, None, accelerator="gpu")
-    assert probe._graph.captured
+    assert probe.graphed_steps == 3 * 6 - 2
     for (key, a), b in zip(eager.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), key
+
+
+def test_the_sweep_replays_exactly_as_its_eager_steps():
+    eager = fit_sweep(False, accelerator="gpu")
+    graphed = fit_sweep(None, accelerator="gpu")
+    assert graphed[1].graphed_steps == 3 + 6 and eager[1].graphed_steps == 0
+    _assert_same_run(eager, graphed)

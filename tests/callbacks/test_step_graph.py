@@ -130,7 +130,7 @@ def test_graph_path_trains_and_measures_exactly_as_the_eager_step(graphs_on_cpu)
     graphs = [ReplayingGraph() for _ in range(3)]
     model, probes, trainer = fit_three_probes(None, graphs)
     # Per epoch of 7 batches: 2 eager warm-up batches (first epoch), 4 replays, and the last, smaller batch eagerly.
-    assert [g.replays for g in graphs] == [4 + 6, 4 + 6, 4 + 6]
+    assert [g.replays for g in graphs] == [p.graphed_steps for p in probes] == [4 + 6, 4 + 6, 4 + 6]
     assert [g.captures for g in graphs] == [1, 1, 1]
     for (key, a), b in zip(eager_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), key

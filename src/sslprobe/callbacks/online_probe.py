@@ -191,6 +191,7 @@ class OnlineProbe(TrainableCallback):
         self._graph_metrics: list[Any] = []  # train metrics updated inside the graph
         self._graph_failures = 0
         self._eager_steps = 0
+        self._graphed_steps = 0
 
     def _metric_modules(self, metrics: MetricsSpec, loss: Any, owner: str) -> nn.ModuleDict:
         """``callbacks_metrics[name]``: one ModuleDict of metrics per stage (top-1 by default with cross-entropy)."""
@@ -266,6 +267,7 @@ class OnlineProbe(TrainableCallback):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
         loss, preds, extras = graph.replay(features, target)
+        self._graphed_steps += 1
         stepper.end_step(self._graph_found)
         self._record_step(extras)
         preds = preds.clone()  # the graph's output is overwritten by the next replay
@@ -276,6 +278,11 @@ class OnlineProbe(TrainableCallback):
             else:
                 metric.update(preds, target)
         self._log_loss(trainer, pl_module, loss, shared=True)
+
+    @property
+    def graphed_steps(self) -> int:
+        """Training steps replayed from a CUDA graph so far (see ``cuda_graph``); the others ran eagerly."""
+        return self._graphed_steps
 
     def _graph_blocker_for(self, probe: nn.Module, stepper: Stepper) -> str | None:
         """Why this probe's step cannot be a CUDA graph (None: it can), decided once per probe, optimizer and device.
