@@ -202,7 +202,9 @@ def test_a_graph_follows_a_new_learning_rate(change):
 
 
 def test_the_sweep_replays_exactly_as_its_eager_steps():
-    eager = fit_sweep(False, accelerator="gpu")
-    graphed = fit_sweep(None, accelerator="gpu")
-    assert graphed[1].graphed_steps == 3 + 6 and eager[1].graphed_steps == 0
-    _assert_same_run(eager, graphed)
+    (eager_model, eager, eager_trainer), (model, graphed, trainer) = (
+        fit_sweep(c, accelerator="gpu") for c in (False, None)
+    )
+    assert graphed.graphed_steps == 3 + 6 and eager.graphed_steps == 0
+    _assert_same_run((eager_model, [eager], eager_trainer), (model, [graphed], trainer))
+    assert graphed.best_head == eager.best_head
