@@ -208,3 +208,13 @@ def test_the_sweep_replays_exactly_as_its_eager_steps():
     assert graphed.graphed_steps == 3 + 6 and eager.graphed_steps == 0
     _assert_same_run((eager_model, [eager], eager_trainer), (model, [graphed], trainer))
     assert graphed.best_head == eager.best_head
+
+
+def test_a_sweep_fitted_on_the_cpu_then_on_the_gpu():
+    model = make_module(optim={"type": "SGD", "lr": 0.05})
+    sweep = ProbeSweep(model, "sweep", "embedding", "label", num_classes=NUM_CLASSES, lrs=[0.01, 0.1])
+    make_trainer(max_epochs=1, callbacks=[sweep]).fit(model, dict_loader())
+    trainer = make_trainer(accelerator="gpu", max_epochs=2, callbacks=[sweep])
+    trainer.fit(model, dict_loader())
+    assert sweep.graphed_steps > 0 and sweep._head_loss_sum.device.type == "cuda"
+    assert torch.isfinite(trainer.callback_metrics["train/sweep_lr0.1_wd0_loss"])

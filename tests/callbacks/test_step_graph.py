@@ -14,8 +14,9 @@ import torchmetrics
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
+from sslprobe._metrics import Top1Accuracy
 from sslprobe.callbacks import OnlineProbe, ProbeSweep
-from sslprobe.callbacks._step_graph import StepGraph
+from sslprobe.callbacks._step_graph import Rollback, StepGraph
 from sslprobe.probes import LinearProbe
 from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
 
@@ -426,3 +427,41 @@ def test_the_sweep_step_is_replayed_exactly_as_the_eager_step(graphs_on_cpu):
     for key, value in eager_trainer.callback_metrics.items():  # per-head losses and accuracies, the best head
         assert torch.equal(trainer.callback_metrics[key], value), key
     assert sweep.best_head == eager_sweep.best_head and sweep.skipped_batches == eager_sweep.skipped_batches == 1
+
+
+def test_a_fit_that_fails_releases_its_graph(graphs_on_cpu):
+    class Fail(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 4:
+                raise RuntimeError("the job failed")  # Lightning calls every callback's on_exception
+
+    model = make_module(optim={"type": "SGD", "lr": 0.05})
+    probe = OnlineProbe(model, "p", "embedding", "label", probe=nn.Linear(D_EMB, NUM_CLASSES), optimizer="AdamW")
+    probe._graph = graph = ReplayingGraph()
+    with pytest.raises(RuntimeError, match="the job failed"):
+        make_trainer(max_epochs=1, callbacks=[probe, Fail()]).fit(model, dict_loader())
+    assert graph.replays == 3 and not graph.captured and probe._graph_key is None
+
+
+def test_rollback_puts_back_module_optimizer_metric_and_owner_tensors():
+    linear = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=0.1, momentum=0.9)
+    metric = Top1Accuracy()
+
+    class Owner:
+        def __init__(self):
+            self.total = torch.zeros(())
+
+    owner = Owner()
+    before = (linear.weight, metric.correct, owner.total)
+    rollback = Rollback({"probe": linear}, optimizer, {"top1": metric}, owner=owner)
+    # What a capture's Python might do: rebind tensors, create state, count an update.
+    linear.weight = nn.Parameter(torch.zeros(2, 2))
+    optimizer.state[linear.bias]["momentum_buffer"] = torch.zeros(2)
+    metric.update(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))
+    metric.correct = metric.correct + 1
+    owner.total = owner.total + 1
+    replaced = rollback.restore(keep=False)
+    assert (linear.weight, metric.correct, owner.total) == before  # identity
+    assert linear.bias not in optimizer.state and not metric.update_called
+    assert set(replaced) == {"probe.weight", "optimizer state", "metric top1.correct", "Owner.total"}

@@ -87,3 +87,27 @@ def test_a_skipped_adamw_step_keeps_even_the_sign_of_zero():
     opt.step(found_inf=torch.tensor(1.0))
     for now, then in zip((w, b), before):
         assert torch.equal(now, then) and torch.equal(torch.signbit(now), torch.signbit(then))
+
+
+@pytest.mark.parametrize("kind", ["SGD", "AdamW"])
+def test_rates_edited_in_place_take_effect(kind):
+    w = nn.Parameter(torch.ones(2, 3))
+    opt = SweepOptimizer([w], lrs=[0.1, 0.2], weight_decays=[0.0, 0.0], kind=kind, momentum=0.0)
+    w.grad = torch.ones(2, 3)
+    opt.step()
+    first = 1.0 - w.detach().clone()  # each head's step: its rate (SGD) or about its rate (AdamW's first step)
+    opt.param_groups[0]["lrs"].mul_(10)
+    before = w.detach().clone()
+    opt.step()
+    torch.testing.assert_close(before - w.detach(), 10 * first, rtol=1e-5, atol=0)
+
+
+def test_graph_tensors_are_the_scratch_and_device_copies():
+    w = nn.Parameter(torch.ones(2, 3))
+    opt = SweepOptimizer([w], lrs=[0.1, 0.2], weight_decays=[0.0, 1e-2], kind="AdamW")
+    assert opt.graph_tensors() == []
+    w.grad = torch.ones(2, 3)
+    opt.step()
+    held = {id(t) for t in opt.graph_tensors()}
+    assert {id(t) for t in opt.__dict__["_scratch_buffers"].values()} <= held
+    assert len(held) >= 1 + 2  # a scratch update, the rates, the decay terms

@@ -49,7 +49,12 @@ class Rollback:
     :meth:`restore` puts the recorded objects back.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], optimizer: Optimizer, metrics: Mapping[str, Any]) -> None:
+    def __init__(
+        self, modules: Mapping[str, nn.Module], optimizer: Optimizer, metrics: Mapping[str, Any], owner: Any = None
+    ) -> None:
+        # The owner's own tensors (a callback's running sums), by attribute.
+        self._owner = owner
+        self._owner_tensors = {} if owner is None else {k: v for k, v in vars(owner).items() if isinstance(v, Tensor)}
         self._modules = {
             name: (module, dict(module._parameters), dict(module._buffers), _public_values(module))
             for name, module in modules.items()
@@ -86,6 +91,18 @@ class Rollback:
             for key in changed:
                 if key in values:
                     vars(module)[key] = values[key]
+        if self._owner is not None:
+            attributes = vars(self._owner)
+            for key, value in list(attributes.items()):
+                if isinstance(value, Tensor) and self._owner_tensors.get(key) is not value:
+                    replaced.append(f"{type(self._owner).__name__}.{key}")
+                    if key in self._owner_tensors:
+                        attributes[key] = self._owner_tensors[key]
+                    else:
+                        del attributes[key]
+            for key, value in self._owner_tensors.items():
+                if key not in attributes:
+                    attributes[key] = value
         state = self._optimizer.state
         for param in list(state):
             saved_state = self._state.get(param)

@@ -226,7 +226,11 @@ class OnlineProbe(TrainableCallback):
         return self._loss_on(preds.device)(preds, target), preds.detach(), None
 
     def _record_step(self, extras: Any) -> None:
-        """The host part of a training step: keep ``extras`` of :meth:`_train_outputs` (run after every step)."""
+        """The host part of a training step: keep ``extras`` of :meth:`_train_outputs`.
+
+        It runs once per training step, after the forward; an eager step calls it before the optimizer step and a
+        replayed one after, so it must not read the stepper.
+        """
 
     def _graph_tensors(self) -> list[Tensor]:
         """Tensors of this callback that :meth:`_train_outputs` changes in place (held by a CUDA graph)."""
@@ -367,9 +371,13 @@ class OnlineProbe(TrainableCallback):
             return False
         if not stepper.capturable:
             # After the warm-up steps the optimizer's state exists, so this does not change by itself.
+            hint = getattr(
+                stepper.optimizer,
+                "graph_hint",
+                "use fused Adam/AdamW (the default for Adam/AdamW) or LARS without dampening",
+            )
             self._set_blocker(
-                f"its optimizer ({type(stepper.optimizer).__name__}) is not one a graph can replay: use fused "
-                "Adam/AdamW (the default for Adam/AdamW) or LARS without dampening"
+                f"its optimizer ({type(stepper.optimizer).__name__}) is not one a graph can replay: {hint}"
             )
             return False
         device = stepper.params[0].device
@@ -400,7 +408,9 @@ class OnlineProbe(TrainableCallback):
         modules = {f"probe {name}" if name else "probe": m for name, m in probe.named_modules()}
         if isinstance(self._loss, nn.Module):
             modules["loss"] = self._loss
-        rollback = Rollback(modules, stepper.optimizer, {n: m for n, m in train_metrics.items() if m in captured})
+        rollback = Rollback(
+            modules, stepper.optimizer, {n: m for n, m in train_metrics.items() if m in captured}, owner=self
+        )
         error: BaseException | None = None
         held, settings = self._graph_state(probe, stepper, captured)
         try:
@@ -486,9 +496,14 @@ class OnlineProbe(TrainableCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Release the CUDA graph and the tensors it keeps alive (the next fit captures afresh anyway)."""
+        """Release the CUDA graph and the tensors it keeps alive (the next fit warms up and captures afresh)."""
         self._graph.drop()
         self._graph_key = None
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Release the CUDA graph when a fit stops on an error, as at its end."""
+        self.on_train_end(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -230,11 +230,18 @@ class ProbeSweep(OnlineProbe):
         targets = target.unsqueeze(1).expand(b, h).reshape(b * h)
         per_head = F.cross_entropy(by_sample, targets, reduction="none").view(b, h).mean(0)
         detached = per_head.detach()
-        if self._head_loss_sum is None or self._head_loss_sum.shape != detached.shape:
-            self._head_loss_sum = torch.zeros_like(detached)
+        kept = self._head_loss_sum
+        if kept is None or (kept.shape, kept.device, kept.dtype) != (detached.shape, detached.device, detached.dtype):
+            self._head_loss_sum = torch.zeros_like(detached)  # (a capture comes after eager warm-up steps)
         self._head_loss_sum.add_(detached)  # in place: a CUDA graph replay adds into the same tensor
         # The sum of the heads' losses gives every head exactly its own gradient.
         return per_head.sum(), preds.detach(), detached
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start the per-head training losses afresh (on the device this fit runs on)."""
+        super().on_train_start(trainer, pl_module)
+        self._head_loss_sum, self._head_loss_count = None, 0
 
     @override
     def _record_step(self, extras: Any) -> None:

@@ -250,7 +250,8 @@ class Stepper:
         """Every tensor a step reads or writes besides the loss: parameters, optimizer state and the stepper's own."""
         state = [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, Tensor)]
         own = [self._scale, self._growth_tracker, self._skipped, *self._grad_buffers.values()]
-        return [*self.params, *state, *own]
+        extra = self.optimizer.graph_tensors() if hasattr(self.optimizer, "graph_tensors") else []
+        return [*self.params, *state, *own, *extra]
 
     def _end_window(self) -> bool:
         # Host-side bookkeeping: windows of `accumulate_grad_batches` training batches, which the LR schedule and

@@ -97,6 +97,14 @@ class SweepOptimizer(Optimizer):
                         f"got shape {tuple(p.shape)}."
                     )
 
+    graph_hint = "use the AdamW sweep (its SGD and LARS kinds run eagerly)"
+
+    def graph_tensors(self) -> list[Tensor]:
+        """Tensors a step reads or writes besides the state: scratch updates and the per-head values on the device."""
+        scratch = list(self.__dict__.get("_scratch_buffers", {}).values())
+        copies = self.__dict__.get("_device_copies", {}).values()
+        return scratch + [t for value in copies for t in (value if isinstance(value, tuple) else (value,))]
+
     @property
     def captures_safely(self) -> bool:
         """Whether a step can be replayed from a CUDA graph: AdamW's fused path, once its state exists."""
@@ -205,7 +213,9 @@ class SweepOptimizer(Optimizer):
 
     def _decay_terms(self, group: dict[str, Any], p: Tensor) -> tuple[Tensor, Tensor]:
         cache = self.__dict__.setdefault("_device_copies", {})
-        tag = ("lr_wd", p.device, _math_dtype(p), id(group["lrs"]), id(group["weight_decays"]))
+        lrs, wds = group["lrs"], group["weight_decays"]
+        # Identity and in-place version: rates edited in place (lrs.mul_) are copied again.
+        tag = ("lr_wd", p.device, _math_dtype(p), id(lrs), lrs._version, id(wds), wds._version)
         if tag not in cache:
             lr_wd = (group["lrs"] * group["weight_decays"]).to(p.device, _math_dtype(p))
             cache[tag] = (torch.ones_like(lr_wd), lr_wd)
@@ -216,7 +226,7 @@ class SweepOptimizer(Optimizer):
         # off the param groups, so the state_dict stays plain).
         cache = self.__dict__.setdefault("_device_copies", {})
         values = group[key]
-        tag = (key, p.device, _math_dtype(p), id(values))
+        tag = (key, p.device, _math_dtype(p), id(values), values._version)
         if tag not in cache:
             cache[tag] = values.to(p.device, _math_dtype(p))
         return cache[tag]
