@@ -158,3 +158,28 @@ def test_tensors_are_every_tensor_a_step_touches():
     assert {id(p) for p in lin.parameters()} <= held
     assert {id(t) for t in state} <= held  # moments and step counts
     assert {id(stepper._scale), id(stepper._skipped)} <= held
+
+
+def test_to_moves_every_state_tensor_but_the_host_step_counts_of_torch_adam():
+    from sslprobe.optim.sweep_optimizer import SweepOptimizer
+
+    bank = nn.Parameter(torch.ones(2, 3))
+    sweep = Stepper([bank], SweepOptimizer([bank], lrs=[0.1, 0.2], weight_decays=[0.0, 0.0]))
+    lin = nn.Linear(2, 2)
+    adam = Stepper(list(lin.parameters()), torch.optim.Adam(lin.parameters(), lr=0.1, foreach=True))
+    for stepper, loss in ((sweep, bank.pow(2).sum()), (adam, lin(torch.ones(1, 2)).sum())):
+        stepper.backward(loss)
+        stepper.to(torch.device("meta"))
+    # The sweep's step counts are device tensors its fused kernel reads with the bank: they move with it.
+    assert all(v.device.type == "meta" for s in sweep.optimizer.state.values() for v in s.values())
+    # Non-fused Adam reads its step count on the host: it stays there, the moments move.
+    for state in adam.optimizer.state.values():
+        assert state["step"].device.type == "cpu" and state["exp_avg"].device.type == "meta"
+
+
+def test_a_loss_that_only_sums_a_parameter_steps():
+    # Its gradient is an expanded tensor (stride 0), which the in-place non-finite check cannot write into.
+    w = nn.Parameter(torch.ones(2, 3))
+    stepper = Stepper([w], torch.optim.SGD([w], lr=0.5))
+    stepper.backward(w.sum())
+    assert torch.equal(w.detach(), torch.full((2, 3), 0.5))

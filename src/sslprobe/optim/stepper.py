@@ -178,7 +178,12 @@ class Stepper:
         else:
             scaled = loss
         grads = list(torch.autograd.grad(scaled, self.params, allow_unused=True))
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        # A parameter the loss does not reach gets zeros; one it reaches only through a sum gets an expanded
+        # gradient (stride 0), which the in-place check below cannot write: it gets its own memory.
+        grads = [
+            torch.zeros_like(p) if g is None else g if g.is_contiguous() else g.contiguous()
+            for p, g in zip(self.params, grads)
+        ]
         # One fused kernel flags any NaN/Inf in `found` and divides by the loss scale. Unscaled, the loss itself
         # rides along (multiplied by exactly 1), which saves the separate isfinite of the loss.
         # Where the optimizer's kernel runs on flat pieces (see `cut_alike`), the gradients that are cut are first
@@ -304,8 +309,11 @@ class Stepper:
             setattr(self, name, getattr(self, name).to(device))
         if self._sums is not None:
             self._sums = [t.to(device) for t in self._sums]
-        # Non-fused, non-capturable Adam keeps its step count on the host; everything else follows the params.
-        host_steps = not any(g.get("fused") or g.get("capturable") for g in self.optimizer.param_groups)
+        # torch's non-fused, non-capturable Adam-like optimizers (those with a "capturable" option) keep their step
+        # count on the host; everything else, our optimizers' step counts included, follows the params.
+        host_steps = "capturable" in self.optimizer.defaults and not any(
+            g.get("fused") or g.get("capturable") for g in self.optimizer.param_groups
+        )
         for state in self.optimizer.state.values():
             for key, value in state.items():
                 if isinstance(value, Tensor) and not (key == "step" and host_steps and value.device.type == "cpu"):
