@@ -300,10 +300,7 @@ class TrainableCallback(Callback):
         stepper = self._stepper if self._stepper is not None else self._ensure_stepper(trainer, module)
         stepper.backward(loss)
         if buffers and stepper.last_found is not None:
-            keep = stepper.last_found == 0
-            with torch.no_grad():
-                for buffer, old in zip(buffers, saved):
-                    torch.where(keep, buffer, old, out=buffer)
+            restore_where_skipped(buffers, saved, stepper.last_found)
         self._log_loss(trainer, pl_module, loss)
 
     @override
@@ -460,6 +457,14 @@ class TrainableCallback(Callback):
         ignored = list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
         # torch's documented hook for parameters DDP must not reduce (DistributedDataParallel reads it on wrap).
         pl_module._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in ignored]
+
+
+@torch.no_grad()
+def restore_where_skipped(buffers: list[Tensor], saved: list[Tensor], found: Tensor) -> None:
+    """Put the values in ``saved`` back into ``buffers`` where ``found`` flags the batch as skipped (no host sync)."""
+    keep = found == 0
+    for buffer, old in zip(buffers, saved):
+        torch.where(keep, buffer, old, out=buffer)
 
 
 def _strategy_names(trainer: pl.Trainer) -> set[str]:

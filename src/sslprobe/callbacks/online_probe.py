@@ -28,7 +28,7 @@ from sslprobe._metrics import (
 )
 from sslprobe._rng import needs_private_rng
 from sslprobe.callbacks._step_graph import Rollback, StepGraph, host_settings, module_tensors
-from sslprobe.callbacks.base import TrainableCallback, ensure_containers
+from sslprobe.callbacks.base import TrainableCallback, ensure_containers, restore_where_skipped
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
 from sslprobe.optim.stepper import Stepper
 
@@ -398,10 +398,7 @@ class OnlineProbe(TrainableCallback):
                 metric.update(shown, y)
             stepper.device_step(loss, found)
             if buffers:
-                keep = found == 0
-                with torch.no_grad():
-                    for buffer, old in zip(buffers, saved):
-                        torch.where(keep, buffer, old, out=buffer)
+                restore_where_skipped(buffers, saved, found)
             return loss.detach(), shown, extras
 
         # Capturing runs the body's Python once (its kernels are recorded, not run): what it rebinds is undone.
