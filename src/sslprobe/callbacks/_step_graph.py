@@ -227,7 +227,7 @@ class StepGraph:
         current.wait_stream(self._stream)
         self._graph, self._inputs, self._outputs = graph, (static_x, static_y), outputs
         self._held = list(held)
-        self._key = tuple(t.data_ptr() for t in self._held)
+        self._key = tuple(map(Tensor.data_ptr, self._held))
         self._settings = settings
         return outputs
 

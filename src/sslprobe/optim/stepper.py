@@ -266,7 +266,7 @@ class Stepper:
             return False
         self.batches = 0
         self.steps += 1
-        if self._steps_scheduler and self.interval == "step":
+        if self.rate_moves_every_step:
             self.scheduler.step()
         return True
 

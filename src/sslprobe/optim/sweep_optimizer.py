@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -102,7 +102,7 @@ class SweepOptimizer(Optimizer):
     def graph_tensors(self) -> list[Tensor]:
         """Tensors a step reads or writes besides the state: scratch updates and the per-head values on the device."""
         scratch = list(self.__dict__.get("_scratch_buffers", {}).values())
-        copies = self.__dict__.get("_device_copies", {}).values()
+        copies = [entry[2] for entry in self.__dict__.get("_device_copies", {}).values()]
         return scratch + [t for value in copies for t in (value if isinstance(value, tuple) else (value,))]
 
     @property
@@ -212,24 +212,26 @@ class SweepOptimizer(Optimizer):
         return out
 
     def _decay_terms(self, group: dict[str, Any], p: Tensor) -> tuple[Tensor, Tensor]:
-        cache = self.__dict__.setdefault("_device_copies", {})
-        lrs, wds = group["lrs"], group["weight_decays"]
-        # Identity and in-place version: rates edited in place (lrs.mul_) are copied again.
-        tag = ("lr_wd", p.device, _math_dtype(p), id(lrs), lrs._version, id(wds), wds._version)
-        if tag not in cache:
+        def make() -> tuple[Tensor, Tensor]:
             lr_wd = (group["lrs"] * group["weight_decays"]).to(p.device, _math_dtype(p))
-            cache[tag] = (torch.ones_like(lr_wd), lr_wd)
-        return cache[tag]
+            return torch.ones_like(lr_wd), lr_wd
+
+        return self._device_copy("lr_wd", (group["lrs"], group["weight_decays"]), p, make)
 
     def _on_device(self, group: dict[str, Any], key: str, p: Tensor) -> Tensor:
-        # A host-to-device copy of the per-head values every step would sync: keep one copy per device (kept
-        # off the param groups, so the state_dict stays plain).
+        return self._device_copy(key, (group[key],), p, lambda: group[key].to(p.device, _math_dtype(p)))
+
+    def _device_copy(self, name: str, sources: tuple[Tensor, ...], p: Tensor, make: Callable[[], Any]) -> Any:
+        # A host-to-device copy of the per-head values every step would sync: keep one per device and precision
+        # (off the param groups, so the state_dict stays plain). It is made again when a source was edited in
+        # place (lrs.mul_); the entry holds its sources, so their ids cannot be reused while it stands.
         cache = self.__dict__.setdefault("_device_copies", {})
-        values = group[key]
-        tag = (key, p.device, _math_dtype(p), id(values), values._version)
-        if tag not in cache:
-            cache[tag] = values.to(p.device, _math_dtype(p))
-        return cache[tag]
+        tag = (name, p.device, _math_dtype(p), *map(id, sources))
+        versions = tuple(t._version for t in sources)
+        entry = cache.get(tag)
+        if entry is None or entry[1] != versions:
+            entry = cache[tag] = (sources, versions, make())
+        return entry[2]
 
     @staticmethod
     def _adamw(
