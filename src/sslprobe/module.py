@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from sslprobe._run_length import run_length
 from sslprobe.optim.factories import OptimizerSpec, create_optimizer, create_scheduler, split_interval
 
 __all__ = ["Module"]
@@ -163,10 +164,6 @@ class Module(pl.LightningModule):
         optimizer = create_optimizer(self._optim_spec, self.main_parameters(), owner="Module")
         if self._scheduler_spec is None:
             return optimizer
-        total: float | None
-        if self._interval == "epoch":
-            total = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
-        else:
-            total = self.trainer.estimated_stepping_batches
+        total = run_length(self.trainer, self._interval, every=self.trainer.accumulate_grad_batches)
         scheduler = create_scheduler(self._scheduler_spec, optimizer, total=total, owner="Module")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self._interval}}

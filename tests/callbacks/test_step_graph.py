@@ -17,7 +17,7 @@ from torch import nn
 from sslprobe._metrics import Top1Accuracy
 from sslprobe.callbacks import OnlineProbe, ProbeSweep
 from sslprobe.callbacks._step_graph import Rollback, StepGraph
-from sslprobe.probes import LinearProbe
+from sslprobe.probes import FeatureNorm, LinearProbe
 from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
 
 
@@ -394,7 +394,7 @@ def test_a_changed_layer_setting_is_captured_again(graphs_on_cpu):
     class Slower(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == 4:
-                next(m for m in model.callbacks_modules["p"].modules() if isinstance(m, nn.BatchNorm1d)).eps = 1e-3
+                next(m for m in model.callbacks_modules["p"].modules() if isinstance(m, FeatureNorm)).eps = 1e-3
 
     make_trainer(max_epochs=1, callbacks=[Slower(), probe]).fit(model, dict_loader())
     assert graph.captures == 2

@@ -127,3 +127,21 @@ def test_state_dict_round_trip():
     other = LARS([torch.nn.Parameter(w.detach().clone())], lr=0.1, momentum=0.9)
     other.load_state_dict(opt.state_dict())
     torch.testing.assert_close(next(iter(other.state.values()))["momentum_buffer"], opt.state[w]["momentum_buffer"])
+
+
+def test_clipped_lars_steps_at_a_learning_rate_of_zero():
+    # A schedule that reached 0, then a second fit or a resume with more epochs: no ZeroDivisionError, no change,
+    # and the momentum buffer follows the gradient (the limit of min(t / lr, 1) as lr -> 0 is 1).
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    opt = LARS([w], lr=0.1, momentum=0.9, eta=0.02, clip_lr=True, weight_decay=1e-4)
+    opt.param_groups[0]["lr"] = 0.0
+    before = w.detach().clone()
+    w.grad = torch.randn(3, 4)
+    opt.step()
+    assert torch.equal(w.detach(), before)
+    expected = w.grad + 1e-4 * before
+    torch.testing.assert_close(opt.state[w]["momentum_buffer"], expected)
+    opt.param_groups[0]["lr"] = 0.05  # and it steps again once the rate is back
+    opt.step()
+    assert not torch.equal(w.detach(), before)

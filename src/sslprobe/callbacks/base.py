@@ -21,6 +21,7 @@ from typing_extensions import override
 from sslprobe._build import ModuleSpec, build_module, has_uninitialized_params
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum, broadcast_, world_size
 from sslprobe._rng import PrivateRNG, needs_private_rng
+from sslprobe._run_length import run_length
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec, create_optimizer, create_scheduler, split_interval
 from sslprobe.optim.stepper import Stepper
 
@@ -389,20 +390,8 @@ class TrainableCallback(Callback):
 
     def _build_scheduler(self, trainer: pl.Trainer, optimizer: Optimizer) -> tuple[Any, str]:
         spec, interval = split_interval(self.scheduler, owner=self._owner)
-        total = self._scheduler_length(trainer, interval)
+        total = run_length(trainer, interval, every=self.accumulate_grad_batches)
         return create_scheduler(spec, optimizer, total=total, owner=self._owner), interval
-
-    def _scheduler_length(self, trainer: pl.Trainer, interval: str) -> int | None:
-        if interval == "epoch":
-            epochs = trainer.max_epochs
-            return epochs if epochs is not None and epochs > 0 else None
-        try:
-            batches = trainer.estimated_stepping_batches * trainer.accumulate_grad_batches
-        except Exception:  # no dataloader yet, or an unsized one: the scheduler then needs explicit lengths
-            return None
-        if not math.isfinite(batches):
-            return None
-        return max(math.ceil(batches / self.accumulate_grad_batches), 1)
 
     def _log_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor, shared: bool = False) -> None:
         # A Lightning log call costs about a millisecond of Python; a per-step value only ever reaches the

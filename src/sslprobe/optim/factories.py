@@ -13,6 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from sslprobe._run_length import UNKNOWN_LENGTH_HINT
 from sslprobe.optim.lars import LARS
 
 __all__ = [
@@ -340,7 +341,5 @@ def create_scheduler(
     try:
         return cls(optimizer, **kwargs)
     except TypeError as err:
-        hint = (
-            " The run's length is unknown (infinite max_epochs/max_steps): give it explicitly." if total is None else ""
-        )
+        hint = f" {UNKNOWN_LENGTH_HINT}" if total is None else ""
         raise TypeError(f"{owner}: could not build {cls.__name__}({kwargs}): {err}.{hint}") from err

@@ -164,9 +164,14 @@ class LARS(Optimizer):
         norms = torch.stack(torch._foreach_norm([params[i] for i in adapted] + [grads[i] for i in adapted]))
         p_norm, g_norm = norms[:n], norms[n:]  # (A,), (A,)
         denominator = g_norm + wd * p_norm + eps if wd != 0 else g_norm + eps
-        trust = (eta / lr) * p_norm / denominator if group["clip_lr"] else eta * p_norm / denominator
-        if group["clip_lr"]:
-            trust = trust.clamp_(max=1.0)
+        if not group["clip_lr"]:
+            trust = eta * p_norm / denominator
+        elif lr > 0:
+            trust = ((eta / lr) * p_norm / denominator).clamp_(max=1.0)  # min(t / lr, 1)
+        else:
+            # A schedule that reached 0 (then a second fit, or a resume with more epochs): min(t / lr, 1) tends to 1
+            # as lr -> 0, and the step lr * d is zero anyway; momentum buffers still follow the gradient.
+            trust = torch.ones_like(p_norm)
         use = (p_norm * g_norm) > 0  # both norms non-zero (norms are >= 0)
         # d = (g + wd * p) * t where both norms are non-zero, else g: one scale factor per parameter.
         scale = torch.where(use, trust, 1.0)

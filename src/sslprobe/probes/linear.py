@@ -9,23 +9,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sslprobe.probes.feature_norm import FeatureNorm
+
 __all__ = ["LinearProbe"]
 
 
 class LinearProbe(nn.Module):
-    """Normalise features with batch statistics (no learned affine), then a linear classifier.
+    """Normalise features (no learned affine; see :class:`FeatureNorm`), then a linear classifier.
 
     Normalising before the linear layer makes the probe insensitive to the scale of the features, which moves
     during self-supervised training, and is what closes most of the gap between an online probe with a fixed
     optimizer and an offline logistic regression. The linear layer starts at zero: its first LARS step is then a
-    plain gradient step (a class-mean classifier), and later steps refine it.
+    plain gradient step (a class-mean classifier), and later steps refine it. In evaluation the features are
+    normalised with the exact statistics of the training rows since the previous evaluation, so the number is
+    that of the current encoder, not of a running average that trails it. Features of more dimensions
+    (``(B, C, H, W)``) are flattened.
 
     Args:
         num_classes: number of outputs.
         in_features: size of the features ``D``; ``None`` infers it at the first batch.
         norm: normalise features (``BatchNorm1d(affine=False)``); ``False`` gives a plain linear layer.
         eps: added to the variance in the normalisation.
-        momentum: running-statistics momentum of the normalisation.
 
     Attributes:
         out_features: ``num_classes``.
@@ -47,7 +51,6 @@ class LinearProbe(nn.Module):
         in_features: int | None = None,
         norm: bool = True,
         eps: float = 1e-6,
-        momentum: float = 0.1,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -56,11 +59,10 @@ class LinearProbe(nn.Module):
             raise ValueError(f"LinearProbe: in_features must be a positive int or None, got {in_features!r}.")
         self.num_classes = num_classes
         self.out_features = num_classes
+        self.norm = FeatureNorm(in_features, eps=eps) if norm else nn.Identity()
         if in_features is None:
-            self.norm = nn.LazyBatchNorm1d(eps=eps, momentum=momentum, affine=False) if norm else nn.Identity()
             self.linear: nn.Module = nn.LazyLinear(num_classes)
         else:
-            self.norm = nn.BatchNorm1d(in_features, eps=eps, momentum=momentum, affine=False) if norm else nn.Identity()
             self.linear = nn.Linear(in_features, num_classes)
             self.init_weights()
 

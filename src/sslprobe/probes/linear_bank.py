@@ -6,19 +6,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
+from sslprobe.probes.feature_norm import FeatureNorm
+
 __all__ = ["LinearHeadBank"]
 
 
 class LinearHeadBank(nn.modules.lazy.LazyModuleMixin, nn.Module):
     """``num_heads`` linear classifiers on the same features: ``(B, D) -> (H, B, C)`` in one matmul.
 
-    Features are normalised once (``BatchNorm1d(affine=False)``, shared by all heads, as in
-    :class:`~sslprobe.probes.LinearProbe`). Weights are one ``(H, C, D)`` tensor starting at zero (head ``h`` is
-    ``weight[h]``, laid out as ``nn.Linear.weight``), so the heads differ only by how they are trained (a
-    hyper-parameter sweep). All heads are one ``(H * C, D)`` matrix, so the forward is a single
-    ``(B, D) x (D, H * C)`` product and the weight gradient another: far faster than ``H`` small batched ones.
-    The output is a ``(H, B, C)`` view of the contiguous ``(B, H, C)`` result. ``in_features=None`` infers
-    ``D`` lazily.
+    Features are normalised once (:class:`~sslprobe.probes.FeatureNorm`, shared by all heads, as in
+    :class:`~sslprobe.probes.LinearProbe`); features of more dimensions are flattened. Weights are one
+    ``(H, C, D)`` tensor starting at zero (head ``h`` is ``weight[h]``, laid out as ``nn.Linear.weight``), so the
+    heads differ only by how they are trained (a hyper-parameter sweep). All heads are one ``(H * C, D)`` matrix,
+    so the forward is a single ``(B, D) x (D, H * C)`` product and the weight gradient another: far faster than
+    ``H`` small batched ones. The output is a ``(H, B, C)`` view of the contiguous ``(B, H, C)`` result.
+    ``in_features=None`` infers ``D`` lazily.
 
     Args:
         num_heads: number of heads ``H``.
@@ -43,11 +45,10 @@ class LinearHeadBank(nn.modules.lazy.LazyModuleMixin, nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.out_features = num_classes
+        self.norm: nn.Module = FeatureNorm(in_features, eps=1e-6) if norm else nn.Identity()
         if in_features is None:
-            self.norm: nn.Module = nn.LazyBatchNorm1d(eps=1e-6, affine=False) if norm else nn.Identity()
             self.weight = UninitializedParameter()
         else:
-            self.norm = nn.BatchNorm1d(in_features, eps=1e-6, affine=False) if norm else nn.Identity()
             self.weight = nn.Parameter(torch.zeros(num_heads, num_classes, in_features))
         self.bias = nn.Parameter(torch.zeros(num_heads, num_classes))
 
@@ -57,10 +58,11 @@ class LinearHeadBank(nn.modules.lazy.LazyModuleMixin, nn.Module):
         return None if isinstance(self.weight, UninitializedParameter) else self.weight.shape[2]
 
     def initialize_parameters(self, features: Tensor) -> None:  # type: ignore[override]
-        """Create the zero weights for features of size ``features.shape[-1]`` (the lazy-module hook)."""
-        if self.has_uninitialized_params():
+        """Create the zero weights for features ``(B, D)`` or ``(B, ...)`` flattened (the lazy-module hook)."""
+        if isinstance(self.weight, UninitializedParameter):
+            size = features[0].numel() if features.ndim > 1 else 1
             with torch.no_grad():
-                self.weight.materialize((self.num_heads, self.num_classes, features.shape[-1]))
+                self.weight.materialize((self.num_heads, self.num_classes, size))
                 self.weight.zero_()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):

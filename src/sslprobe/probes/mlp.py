@@ -6,6 +6,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
+from sslprobe.probes.feature_norm import FeatureNorm
+
 __all__ = ["MLPProbe"]
 
 
@@ -19,7 +21,8 @@ class MLPProbe(nn.Module):
         num_classes: number of outputs.
         hidden: width of the hidden layer, or widths of several.
         in_features: feature size ``D``; ``None`` infers it at the first batch.
-        norm: normalise the input features (``BatchNorm1d(affine=False)``).
+        norm: normalise the input features (:class:`FeatureNorm`: batch statistics in training, the exact
+            statistics of the training rows since the previous evaluation in evaluation).
         act_layer: activation class.
         dropout: dropout after each hidden layer (drawn from the probe's private RNG stream).
 
@@ -52,12 +55,8 @@ class MLPProbe(nn.Module):
             raise ValueError(f"MLPProbe: dropout must be in [0, 1), got {dropout!r}.")
         self.num_classes = num_classes
         self.out_features = num_classes
-        if in_features is None:
-            self.norm: nn.Module = nn.LazyBatchNorm1d(affine=False) if norm else nn.Identity()
-            first: nn.Module = nn.LazyLinear(widths[0])
-        else:
-            self.norm = nn.BatchNorm1d(in_features, affine=False) if norm else nn.Identity()
-            first = nn.Linear(in_features, widths[0])
+        self.norm: nn.Module = FeatureNorm(in_features) if norm else nn.Identity()
+        first: nn.Module = nn.LazyLinear(widths[0]) if in_features is None else nn.Linear(in_features, widths[0])
         layers: list[nn.Module] = []
         for i, width in enumerate(widths):
             layers += [
@@ -76,7 +75,7 @@ class MLPProbe(nn.Module):
         return None if isinstance(weight, nn.parameter.UninitializedParameter) else weight.shape[1]
 
     def forward(self, features: Tensor) -> Tensor:
-        """Logits ``(B, num_classes)`` of features ``(B, D)``."""
+        """Logits ``(B, num_classes)`` of features ``(B, D)`` (extra dimensions are flattened)."""
         if features.ndim > 2:
             features = features.flatten(1)
         return self.head(self.hidden(self.norm(features)))
