@@ -3,7 +3,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from sslprobe.callbacks import OnlineProbe
