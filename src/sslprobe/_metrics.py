@@ -18,6 +18,9 @@ __all__ = [
     "MetricsSpec",
     "Top1Accuracy",
     "capturable_metric",
+    "evaluated_loaders",
+    "loader_metrics",
+    "loader_suffix",
     "mark_updated",
     "metric_states",
     "normalize_metrics",
@@ -37,6 +40,51 @@ def reset_metric(metric: torch.nn.Module) -> None:
     """Reset outside inference mode: states made under Lightning's evaluation could not be updated later."""
     with torch.inference_mode(False):
         metric.reset()
+
+
+def loader_metrics(container: torch.nn.ModuleDict, split: str, loader: int = 0) -> torch.nn.ModuleDict:
+    """The metrics of evaluation loader ``loader`` of ``split`` in a probe's ``callbacks_metrics[name]``.
+
+    Loader 0's are ``container[STAGE_KEY[split]]``; another loader's are fresh copies of them, made at its first
+    batch and kept beside them (so they move with the module), so that two validation sets never mix.
+
+    Examples:
+        >>> container = torch.nn.ModuleDict({"validate": torch.nn.ModuleDict({"top1": Top1Accuracy()})})
+        >>> sorted(loader_metrics(container, "val", 1)), sorted(container)
+        (['top1'], ['validate', 'validate_1'])
+    """
+    key = STAGE_KEY[split] if loader == 0 else f"{STAGE_KEY[split]}_{loader}"
+    if key not in container:
+        copied = copy.deepcopy(container[STAGE_KEY[split]])
+        for metric in copied.values():
+            reset_metric(metric)
+        container[key] = copied
+    return container[key]
+
+
+def evaluated_loaders(container: torch.nn.ModuleDict, split: str) -> list[tuple[int, torch.nn.ModuleDict]]:
+    """``(loader, metrics)`` of every loader of ``split`` that :func:`loader_metrics` has made, loader 0 first."""
+    base = STAGE_KEY[split]
+    found = [(0, container[base])] if base in container else []
+    for key in container:
+        head, _, index = key.rpartition("_")
+        if head == base and index.isdigit():
+            found.append((int(index), container[key]))
+    return sorted(found, key=lambda item: item[0])
+
+
+def loader_suffix(trainer: Any, split: str, loader: int) -> str:
+    """``/dataloader_idx_{loader}`` (Lightning's own suffix) when ``split`` has several loaders, else ``""``.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> loader_suffix(SimpleNamespace(num_val_batches=[4, 2]), "val", 1), loader_suffix(None, "train", 0)
+        ('/dataloader_idx_1', '')
+    """
+    counts = {"val": "num_val_batches", "test": "num_test_batches"}.get(split)
+    batches = getattr(trainer, counts, None) if counts else None
+    several = isinstance(batches, Sequence) and len(batches) > 1
+    return f"/dataloader_idx_{loader}" if several else ""
 
 
 def capturable_metric(metric: torch.nn.Module) -> bool:
@@ -114,15 +162,20 @@ class InPlaceReset(Metric):
 
 
 class Top1Accuracy(InPlaceReset):
-    """Top-1 accuracy of logits ``(B, C)`` (or class indices ``(B,)``) against integer targets ``(B,)``.
+    """Top-1 accuracy of logits ``(B, C)`` (or class indices ``(B,)``) against targets ``(B,)``.
 
-    Needs no ``num_classes``, so it can be the default metric of a probe whose size is inferred. Its update is two
-    device reductions with no host sync.
+    Needs no ``num_classes``, so it can be the default metric of a probe whose size is inferred. Targets equal to
+    ``ignore_index`` (unlabelled samples, as cross-entropy skips them) count neither as right nor in the
+    denominator; soft targets ``(B, C)`` (mixup, label smoothing) count by their most likely class. Its update is
+    a few device reductions with no host sync.
+
+    Args:
+        ignore_index: the target value of samples to leave out, or ``None`` to count every sample.
 
     Examples:
         >>> import torch
         >>> metric = Top1Accuracy()
-        >>> metric.update(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+        >>> metric.update(torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]]), torch.tensor([1, 1, -100]))
         >>> metric.compute()
         tensor(0.5000)
     """
@@ -134,16 +187,27 @@ class Top1Accuracy(InPlaceReset):
     correct: Tensor
     total: Tensor
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, ignore_index: int | None = -100, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+            raise TypeError(f"Top1Accuracy: ignore_index must be an int or None, got {ignore_index!r}.")
+        self.ignore_index = ignore_index
         self.add_state("correct", default=torch.tensor(0), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
+        if target.is_floating_point() and target.ndim == preds.ndim and target.ndim > 1:
+            target = target.argmax(dim=-1)  # class probabilities
         if preds.ndim == target.ndim + 1:
             preds = preds.argmax(dim=-1)
-        self.correct.add_((preds == target).sum())
-        self.total.add_(target.numel())
+        hits = preds == target
+        if self.ignore_index is None:
+            self.correct.add_(hits.sum())
+            self.total.add_(target.numel())
+        else:
+            labelled = target != self.ignore_index
+            self.correct.add_((hits & labelled).sum())
+            self.total.add_(labelled.sum())
 
     def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp(min=1)

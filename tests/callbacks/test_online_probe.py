@@ -717,7 +717,7 @@ def test_feature_size_mismatch():
     model = make_module()
     probe = OnlineProbe(model, "linear", "embedding", "label", probe=nn.Linear(5, NUM_CLASSES))
     with pytest.raises(
-        RuntimeError, match=r"have shape \(8, 16\) but the probe expects 5 input features.*in_features=16"
+        RuntimeError, match=r"have shape \(8, 16\), but the probe expects 5 input features.*in_features=16"
     ):
         make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
     model = make_module()

@@ -302,6 +302,10 @@ class TrainableCallback(Callback):
         stepper.backward(loss)
         if buffers and stepper.last_found is not None:
             restore_where_skipped(buffers, saved, stepper.last_found)
+        elif was_lazy and stepper.last_found is not None and bool(stepper.last_found):
+            # A lazy module's first batch made its buffers, so none were saved: when that batch is skipped, its
+            # running statistics start afresh (one sync, at the first batch only).
+            reset_running_stats(module)
         self._log_loss(trainer, pl_module, loss)
 
     @override
@@ -314,17 +318,20 @@ class TrainableCallback(Callback):
             skipped = self.skipped_batches  # one sync per epoch
             if skipped:
                 self._skip_warned = True
-                scaling = (
-                    " With a float16 probe the first few are its own loss scale settling, which is expected."
-                    if (self._stepper._scaling)
-                    else ""
-                )
-                rank_zero_warn(
-                    f"{self._owner}: skipped {skipped} training batch(es) whose features, loss or gradients were not "
-                    f"finite; the probe was left unchanged by them.{scaling} HINT: check the main model for NaN/Inf "
-                    "outputs (callback.skipped_batches counts them).",
-                    category=RuntimeWarning,
-                )
+                rank_zero_warn(self._skipped_message(skipped), category=RuntimeWarning)
+
+    def _skipped_message(self, skipped: int) -> str:
+        """What the warning about ``skipped`` skipped batches says (said once)."""
+        scaling = (
+            " With a float16 probe the first few are its own loss scale settling, which is expected."
+            if self._stepper is not None and self._stepper._scaling
+            else ""
+        )
+        return (
+            f"{self._owner}: skipped {skipped} training batch(es) whose features, loss or gradients were not "
+            f"finite; the probe was left unchanged by them.{scaling} HINT: check the main model for NaN/Inf "
+            "outputs (callback.skipped_batches counts them)."
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -446,6 +453,15 @@ class TrainableCallback(Callback):
         ignored = list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
         # torch's documented hook for parameters DDP must not reduce (DistributedDataParallel reads it on wrap).
         pl_module._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in ignored]
+
+
+@torch.no_grad()
+def reset_running_stats(module: nn.Module) -> None:
+    """Reset the running statistics of every normalisation layer in ``module`` (BatchNorm, FeatureNorm)."""
+    for layer in module.modules():
+        reset = getattr(layer, "reset_running_stats", None)
+        if callable(reset) and getattr(layer, "track_running_stats", True):
+            reset()
 
 
 @torch.no_grad()

@@ -14,13 +14,17 @@ from typing_extensions import override
 
 from sslprobe._batch import Locator, check_locator, features_of, target_of
 from sslprobe._build import ModuleSpec, has_uninitialized_params
-from sslprobe._distributed import all_reduce_mean_, world_size
+from sslprobe._distributed import all_reduce_mean_, all_reduce_sum_, world_size
 from sslprobe._metrics import (
     STAGE_KEY,
     STAGE_PREFIX,
+    InPlaceReset,
     MetricsSpec,
     Top1Accuracy,
     capturable_metric,
+    evaluated_loaders,
+    loader_metrics,
+    loader_suffix,
     mark_updated,
     metric_states,
     normalize_metrics,
@@ -31,6 +35,7 @@ from sslprobe.callbacks._step_graph import Rollback, StepGraph, host_settings, m
 from sslprobe.callbacks.base import TrainableCallback, ensure_containers, restore_where_skipped
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
 from sslprobe.optim.stepper import Stepper
+from sslprobe.probes.feature_norm import FeatureNorm
 
 __all__ = ["OnlineProbe"]
 
@@ -40,6 +45,13 @@ warning_cache = WarningCache()
 # Eager training steps before the step is captured as a CUDA graph: the first creates the optimizer's state, the
 # second runs on it as every later step will.
 _GRAPH_WARMUP = 2
+# Integer labels that cross-entropy and the metrics cannot index with: converted to int64.
+_NARROW_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.uint8)
+_POOL_HINT = (
+    " HINT: pool the features to (B, D) first (mean over tokens or space, a CLS token, or sslprobe.Layer(path, "
+    "pool='auto')), use a probe that flattens them (LinearProbe, MLPProbe), or use AttentiveProbe for tokens "
+    "(B, N, D)."
+)
 
 
 # The last conversion of features to a probe's dtype/device, shared by the probes that read the same tensor in the
@@ -192,10 +204,16 @@ class OnlineProbe(TrainableCallback):
         self._graph_failures = 0
         self._eager_steps = 0
         self._graphed_steps = 0
+        self._single_sample_batches = 0  # skipped: a batch-statistics layer cannot train on one sample
+        self._unlabelled: Tensor | None = None  # batches whose every target was ignore_index (a device count)
+        self._batch_stat_layers: tuple[int, bool] | None = None  # (id of the probe, whether it has any)
+        self._eval_warned: set[str] = set()
 
     def _metric_modules(self, metrics: MetricsSpec, loss: Any, owner: str) -> nn.ModuleDict:
         """``callbacks_metrics[name]``: one ModuleDict of metrics per stage (top-1 by default with cross-entropy)."""
-        default = {"top1": Top1Accuracy()} if isinstance(loss, nn.CrossEntropyLoss) else {}
+        default = (
+            {"top1": Top1Accuracy(ignore_index=loss.ignore_index)} if isinstance(loss, nn.CrossEntropyLoss) else {}
+        )
         splits = normalize_metrics(metrics, owner, default)
         return nn.ModuleDict({STAGE_KEY[split]: nn.ModuleDict(m) for split, m in splits.items()})
 
@@ -208,8 +226,12 @@ class OnlineProbe(TrainableCallback):
         probe = self.trainable_module(pl_module)
         features = self._features(outputs, batch)
         target = self._target(outputs, batch, required=True)
+        if features.shape[0] < 2 and self._normalises_batches(probe):
+            self._single_sample_batches += 1  # the probe is left as it is; said at the epoch's end
+            return None
         preds = self._forward(probe, features, "train")
         self._check_target(preds, target, "train")
+        self._count_unlabelled(target)
         loss, shown, extras = self._train_outputs(preds, target)
         self._record_step(extras)
         self._store_preds(shown, outputs, batch)
@@ -357,8 +379,7 @@ class OnlineProbe(TrainableCallback):
         held += stepper.tensors()
         held += self._buffers_of(probe)[1]
         held += self._graph_tensors()
-        if self._graph_found is not None:
-            held.append(self._graph_found)
+        held += [t for t in (self._graph_found, self._unlabelled) if t is not None]
         for metric in metrics:
             held += metric_states(metric)
         return held, (stepper.settings(), host_settings(modules))
@@ -392,6 +413,7 @@ class OnlineProbe(TrainableCallback):
         def body(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Any]:
             if buffers:
                 torch._foreach_copy_(saved, buffers)
+            self._count_unlabelled(y)
             with torch.enable_grad():
                 loss, shown, extras = self._train_outputs(probe(x), y)
             for metric in captured:
@@ -460,8 +482,8 @@ class OnlineProbe(TrainableCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Predict, and update the eval metrics (not during the sanity check)."""
-        self._evaluate(trainer, pl_module, outputs, batch, "val")
+        """Predict, and update the eval metrics of this loader (not during the sanity check)."""
+        self._evaluate(trainer, pl_module, outputs, batch, "val", dataloader_idx)
 
     @override
     def on_test_batch_end(
@@ -473,8 +495,8 @@ class OnlineProbe(TrainableCallback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Predict, and update the test metrics when the batch has labels."""
-        self._evaluate(trainer, pl_module, outputs, batch, "test")
+        """Predict, and update the test metrics of this loader when the batch has labels."""
+        self._evaluate(trainer, pl_module, outputs, batch, "test", dataloader_idx)
 
     @override
     def on_predict_batch_end(
@@ -507,6 +529,27 @@ class OnlineProbe(TrainableCallback):
         """Log ``train/{name}_{metric}`` for the epoch, then the base's scheduler and warnings."""
         self._log_metrics(pl_module, "train")
         super().on_train_epoch_end(trainer, pl_module)
+        if self._single_sample_batches and "single" not in self._eval_warned:
+            self._eval_warned.add("single")
+            warning_cache.warn(
+                f"{self._owner}: skipped {self._single_sample_batches} training batch(es) of a single sample: the "
+                "probe normalises with batch statistics (BatchNorm/FeatureNorm), which one sample cannot give; the "
+                "probe was left unchanged by them. HINT: DataLoader(..., drop_last=True) avoids such a last batch."
+            )
+
+    @override
+    def _skipped_message(self, skipped: int) -> str:
+        unlabelled = 0 if self._unlabelled is None else int(self._unlabelled)
+        if not unlabelled:
+            return super()._skipped_message(skipped)
+        rest = skipped - unlabelled
+        message = (
+            f"{self._owner}: skipped {unlabelled} training batch(es) with no labelled sample (every target was the "
+            f"loss's ignore_index={self._loss.ignore_index}): there was nothing to learn from"
+        )
+        if rest > 0:
+            message += f", and {rest} whose features, loss or gradients were not finite (check the main model)"
+        return message + "; the probe was left unchanged by them."
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -525,7 +568,7 @@ class OnlineProbe(TrainableCallback):
     # ------------------------------------------------------------------ internals
 
     def _evaluate(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, stage: str
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, stage: str, loader: int = 0
     ) -> None:
         probe = self.trainable_module(pl_module)
         if probe.training:
@@ -556,14 +599,33 @@ class OnlineProbe(TrainableCallback):
         self._check_target(preds, target, stage)
         if trainer.sanity_checking:
             return
-        for metric in self._split_metrics(pl_module, stage).values():
+        for metric in self._split_metrics(pl_module, stage, loader).values():
             metric.update(preds, target)
 
     def _features(self, outputs: Any, batch: Any) -> Tensor:
         return features_of(self.input, outputs, batch, self._owner)
 
     def _target(self, outputs: Any, batch: Any, *, required: bool) -> Tensor | None:
-        return target_of(self.target, outputs, batch, self._owner, required=required)
+        target = target_of(self.target, outputs, batch, self._owner, required=required)
+        if target is not None and target.dtype in _NARROW_INTEGERS:
+            target = target.long()  # cross-entropy and the metrics index with int64
+        return target
+
+    def _normalises_batches(self, probe: nn.Module) -> bool:
+        """Whether ``probe`` normalises with batch statistics (BatchNorm, FeatureNorm): one sample cannot train it."""
+        cached = self._batch_stat_layers
+        if cached is None or cached[0] != id(probe):
+            has = any(isinstance(m, (nn.modules.batchnorm._NormBase, FeatureNorm)) for m in probe.modules())
+            cached = self._batch_stat_layers = (id(probe), has)
+        return cached[1]
+
+    def _count_unlabelled(self, target: Tensor) -> None:
+        """Count, on the device, a batch whose every target is the loss's ``ignore_index`` (its loss is NaN)."""
+        if not isinstance(self._loss, nn.CrossEntropyLoss) or target.is_floating_point():
+            return
+        if self._unlabelled is None or self._unlabelled.device != target.device:
+            self._unlabelled = torch.zeros((), dtype=torch.float32, device=target.device)
+        self._unlabelled.add_((target != self._loss.ignore_index).any().logical_not())
 
     def _forward(self, probe: nn.Module, features: Tensor, stage: str) -> Tensor:
         reference = _first_param(probe)
@@ -575,11 +637,14 @@ class OnlineProbe(TrainableCallback):
         if stage in self._checked:
             return probe(x)
         expected = getattr(probe, "in_features", None)
-        if isinstance(expected, int) and expected > 0 and x.ndim >= 1 and x.shape[-1] != expected:
+        flattens = getattr(probe, "flattens_input", False) and x.ndim > 2
+        size = x[0].numel() if flattens else x.shape[-1] if x.ndim >= 1 else 1
+        if isinstance(expected, int) and expected > 0 and size != expected:
+            flat = f", which it flattens to {size}" if flattens else ""
             raise RuntimeError(
-                f"{self._owner}: features {self.input!r} have shape {tuple(x.shape)} but the probe expects "
-                f"{expected} input features. Build the probe with in_features={x.shape[-1]} (or leave it None to "
-                "infer it)."
+                f"{self._owner}: features {self.input!r} have shape {tuple(x.shape)}{flat}, but the probe expects "
+                f"{expected} input features. Build the probe with in_features={size} (or leave it None to infer it)."
+                + (_POOL_HINT if x.ndim > 2 else "")
             )
         try:
             return probe(x)
@@ -601,6 +666,21 @@ class OnlineProbe(TrainableCallback):
             raise RuntimeError(
                 f"{self._owner}: cross-entropy needs integer class indices as target, got {target.dtype} of shape "
                 f"{tuple(target.shape)}. Convert them with .long(), or pass loss_fn= for another kind of target."
+            )
+        if preds.ndim > 2 and target.ndim == 1:
+            raise RuntimeError(
+                f"{self._owner}: the probe returned predictions of shape {tuple(preds.shape)} (one per token or "
+                f"position) for targets of shape {tuple(target.shape)}: it does not pool features of more than two "
+                f"dimensions." + _POOL_HINT
+            )
+        if target.ndim == 1 and preds.ndim == 2 and preds.shape[0] != target.shape[0]:
+            rows, labels = preds.shape[0], target.shape[0]
+            views = f" ({rows // labels} views of each sample concatenated?)" if labels and rows % labels == 0 else ""
+            raise RuntimeError(
+                f"{self._owner}: features {self.input!r} have {rows} rows but the target {self.target!r} has {labels} "
+                f"labels{views}. Probe one view (e.g. input=lambda out, batch: out[{self.input!r}][:{labels}]), or "
+                f"give every row its label (e.g. target=lambda out, batch: batch[{self.target!r}].repeat("
+                f"{max(rows // max(labels, 1), 1)}))."
             )
         if target.ndim != preds.ndim - 1 or target.shape[0] != preds.shape[0]:
             raise RuntimeError(
@@ -641,24 +721,48 @@ class OnlineProbe(TrainableCallback):
         elif isinstance(outputs, MutableMapping):
             outputs[key] = preds
 
-    def _split_metrics(self, pl_module: pl.LightningModule, split: str) -> nn.ModuleDict:
-        return pl_module.callbacks_metrics[self.name][STAGE_KEY[split]]
+    def _split_metrics(self, pl_module: pl.LightningModule, split: str, loader: int = 0) -> nn.ModuleDict:
+        return loader_metrics(pl_module.callbacks_metrics[self.name], split, loader)
 
     def _log_metrics(self, pl_module: pl.LightningModule, split: str) -> None:
         prefix = STAGE_PREFIX[split]
-        for name, metric in self._split_metrics(pl_module, split).items():
-            if not metric.update_called:
-                continue
-            value = metric.compute()  # torchmetrics reduces across processes here, once per epoch
-            reset_metric(metric)
-            pl_module.log(
-                f"{prefix}/{self.name}_{name}",
-                value,
-                on_step=False,
-                on_epoch=True,
-                sync_dist=False,
-                prog_bar=split == "val",
+        for loader, metrics in evaluated_loaders(pl_module.callbacks_metrics[self.name], split):
+            suffix = loader_suffix(pl_module.trainer, split, loader)
+            for name, metric in metrics.items():
+                if not metric.update_called:
+                    continue
+                if not self._has_labelled_samples(metric, f"{prefix}/{self.name}_{name}{suffix}"):
+                    reset_metric(metric)
+                    continue
+                value = metric.compute()  # torchmetrics reduces across processes here, once per epoch
+                reset_metric(metric)
+                pl_module.log(
+                    f"{prefix}/{self.name}_{name}{suffix}",
+                    value,
+                    on_step=False,
+                    on_epoch=True,
+                    sync_dist=False,
+                    prog_bar=split == "val",
+                    add_dataloader_idx=False,
+                )
+
+    def _has_labelled_samples(self, metric: nn.Module, key: str) -> bool:
+        """False (with a warning, once per key) when a top-1 count saw no labelled sample: 0/0 is no number."""
+        total = getattr(metric, "total", None)
+        if not isinstance(metric, InPlaceReset) or not isinstance(total, Tensor):
+            return True
+        if world_size() > 1:
+            total = total.clone()
+            all_reduce_sum_([total])
+        if int(total) > 0:  # one sync per epoch
+            return True
+        if key not in self._eval_warned:
+            self._eval_warned.add(key)
+            warning_cache.warn(
+                f"{self._owner}: {key} is not logged: no sample of this epoch had a label (every target was the "
+                "loss's ignore_index)."
             )
+        return False
 
     def _sync_buffers(self, pl_module: pl.LightningModule) -> None:
         if world_size() > 1:

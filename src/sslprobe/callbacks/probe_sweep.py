@@ -14,7 +14,16 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from sslprobe._batch import Locator
-from sslprobe._metrics import STAGE_KEY, STAGE_PREFIX, InPlaceReset, MetricsSpec, normalize_metrics, reset_metric
+from sslprobe._metrics import (
+    STAGE_KEY,
+    STAGE_PREFIX,
+    InPlaceReset,
+    MetricsSpec,
+    evaluated_loaders,
+    loader_suffix,
+    normalize_metrics,
+    reset_metric,
+)
 from sslprobe.callbacks.online_probe import OnlineProbe
 from sslprobe.optim.sweep_optimizer import SweepOptimizer
 from sslprobe.probes.linear_bank import LinearHeadBank
@@ -33,7 +42,11 @@ _BANK_LAYOUT = 2  # the bank's weight as (H, C, D) (see LinearHeadBank._version)
 
 
 class HeadsTop1(InPlaceReset):
-    """Top-1 accuracy of every head at once: logits ``(H, B, C)``, targets ``(B,)``; ``compute()`` is ``(H,)``."""
+    """Top-1 accuracy of every head at once: logits ``(H, B, C)``, targets ``(B,)``; ``compute()`` is ``(H,)``.
+
+    As :class:`~sslprobe._metrics.Top1Accuracy`, targets equal to ``ignore_index`` are left out and soft targets
+    ``(B, C)`` count by their most likely class.
+    """
 
     full_state_update = False
     updates_in_place = True  # its update can be replayed from a CUDA graph (see `capturable_metric`)
@@ -41,14 +54,18 @@ class HeadsTop1(InPlaceReset):
     correct: Tensor
     total: Tensor
 
-    def __init__(self, num_heads: int, **kwargs: Any) -> None:
+    def __init__(self, num_heads: int, ignore_index: int = -100, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.ignore_index = ignore_index
         self.add_state("correct", default=torch.zeros(num_heads, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor) -> None:
-        self.correct += (logits.argmax(dim=-1) == target).sum(dim=-1)
-        self.total += target.numel()
+        if target.is_floating_point() and target.ndim == 2:
+            target = target.argmax(dim=-1)  # class probabilities
+        labelled = target != self.ignore_index  # (B,): unlabelled samples count neither way
+        self.correct.add_(((logits.argmax(dim=-1) == target) & labelled).sum(dim=-1))
+        self.total.add_(labelled.sum())
 
     def compute(self) -> Tensor:
         return self.correct.float() / self.total.clamp(min=1)
@@ -227,13 +244,23 @@ class ProbeSweep(OnlineProbe):
     def _train_outputs(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Any]:
         h, b, c = preds.shape  # the bank's (H, B, C) logits, a view of a contiguous (B, H, C) tensor
         by_sample = preds.transpose(0, 1).reshape(b * h, c)
-        targets = target.unsqueeze(1).expand(b, h).reshape(b * h)
-        per_head = F.cross_entropy(by_sample, targets, reduction="none").view(b, h).mean(0)
+        if target.is_floating_point():  # class probabilities (B, C)
+            targets = target.unsqueeze(1).expand(b, h, c).reshape(b * h, c)
+            per_head = F.cross_entropy(by_sample, targets, reduction="none").view(b, h).mean(0)
+        else:
+            targets = target.unsqueeze(1).expand(b, h).reshape(b * h)
+            # The mean over labelled samples (as cross-entropy's own mean): NaN, so skipped, when none is labelled.
+            labelled = (target != -100).sum()
+            per_head = F.cross_entropy(by_sample, targets, reduction="none").view(b, h).sum(0) / labelled
         detached = per_head.detach()
         kept = self._head_loss_sum
-        if kept is None or (kept.shape, kept.device, kept.dtype) != (detached.shape, detached.device, detached.dtype):
-            self._head_loss_sum = torch.zeros_like(detached)  # (a capture comes after eager warm-up steps)
-        self._head_loss_sum.add_(detached)  # in place: a CUDA graph replay adds into the same tensor
+        if kept is None or (kept.shape[0], kept.device, kept.dtype) != (h + 1, detached.device, detached.dtype):
+            # Every head's loss summed over the epoch's finite batches, then their count: (H + 1,)
+            self._head_loss_sum = detached.new_zeros(h + 1)  # (a capture comes after eager warm-up steps)
+        finite = torch.isfinite(detached).all()  # a skipped batch adds nothing to the epoch's means
+        zero = torch.zeros((), dtype=detached.dtype, device=detached.device)
+        # In place: a CUDA graph replay adds into the same tensor.
+        self._head_loss_sum.add_(torch.cat([torch.where(finite, detached, zero), finite.to(detached.dtype)[None]]))
         # The sum of the heads' losses gives every head exactly its own gradient.
         return per_head.sum(), preds.detach(), detached
 
@@ -271,30 +298,47 @@ class ProbeSweep(OnlineProbe):
     @override
     def _log_metrics(self, pl_module: pl.LightningModule, split: str) -> None:
         prefix = STAGE_PREFIX[split]
-        computed: dict[str, Tensor] = {}
-        for key, metric in self._split_metrics(pl_module, split).items():
-            if metric.update_called:
-                computed[key] = metric.compute()  # (H,), reduced across processes
+        for loader, metrics in evaluated_loaders(pl_module.callbacks_metrics[self.name], split):
+            suffix = loader_suffix(pl_module.trainer, split, loader)
+            computed: dict[str, Tensor] = {}
+            for key, metric in metrics.items():
+                if metric.update_called and self._has_labelled_samples(metric, f"{prefix}/{self.name}_{key}{suffix}"):
+                    # (H,), reduced across processes; torchmetrics squeezes a one-head result to a scalar
+                    computed[key] = metric.compute().reshape(-1)
                 reset_metric(metric)
-        if split == "val" and computed:
-            first_key = next(iter(computed))
-            first = self._split_metrics(pl_module, split)[first_key]
-            values = computed[first_key]
-            self._best = int(values.argmax() if getattr(first, "higher_is_better", True) else values.argmin())
-            lr, wd = self.grid[self._best]
-            pl_module.log(f"eval/{self.name}_best_lr", float(lr), on_step=False, on_epoch=True)
-            pl_module.log(f"eval/{self.name}_best_wd", float(wd), on_step=False, on_epoch=True)
-        for key, values in computed.items():
-            pl_module.log(
-                f"{prefix}/{self.name}_{key}", values[self._best], on_step=False, on_epoch=True, prog_bar=split == "val"
-            )
-            if split != "train":
-                for label, value in zip(self.head_labels, values):
-                    pl_module.log(f"{prefix}/{self.name}_{label}_{key}", value, on_step=False, on_epoch=True)
+            if split == "val" and loader == 0 and computed:
+                # The best head is chosen on the first validation loader, and reported on every loader.
+                first_key = next(iter(computed))
+                values = computed[first_key]
+                higher = getattr(metrics[first_key], "higher_is_better", True)
+                self._best = int(values.argmax() if higher is not False else values.argmin())
+                lr, wd = self.grid[self._best]
+                pl_module.log(f"eval/{self.name}_best_lr", float(lr), on_step=False, on_epoch=True)
+                pl_module.log(f"eval/{self.name}_best_wd", float(wd), on_step=False, on_epoch=True)
+            for key, values in computed.items():
+                pl_module.log(
+                    f"{prefix}/{self.name}_{key}{suffix}",
+                    values[self._best],
+                    on_step=False,
+                    on_epoch=True,
+                    prog_bar=split == "val",
+                    add_dataloader_idx=False,
+                )
+                if split != "train":
+                    for label, value in zip(self.head_labels, values):
+                        pl_module.log(
+                            f"{prefix}/{self.name}_{label}_{key}{suffix}",
+                            value,
+                            on_step=False,
+                            on_epoch=True,
+                            add_dataloader_idx=False,
+                        )
         if split == "train" and self._head_loss_sum is not None and self._head_loss_count:
-            means = self._head_loss_sum / self._head_loss_count
-            for label, value in zip(self.head_labels, means):
-                pl_module.log(f"train/{self.name}_{label}_loss", value, on_step=False, on_epoch=True)
+            sums = self._head_loss_sum
+            if bool(sums[-1] > 0):  # one sync per epoch: an epoch of skipped batches has no mean loss
+                means = sums[:-1] / sums[-1]
+                for label, value in zip(self.head_labels, means):
+                    pl_module.log(f"train/{self.name}_{label}_loss", value, on_step=False, on_epoch=True)
             self._head_loss_sum.zero_()  # in place, as the sum is kept (see `_train_outputs`)
             self._head_loss_count = 0
 

@@ -45,6 +45,8 @@ class LinearProbe(nn.Module):
         5
     """
 
+    flattens_input = True  # features (B, ...) are flattened to (B, D): OnlineProbe checks sizes that way
+
     def __init__(
         self,
         num_classes: int,

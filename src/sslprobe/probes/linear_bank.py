@@ -35,6 +35,7 @@ class LinearHeadBank(nn.modules.lazy.LazyModuleMixin, nn.Module):
     """
 
     cls_to_become = None
+    flattens_input = True  # features (B, ...) are flattened to (B, D): OnlineProbe checks sizes that way
     # Version 2 stores the weight as (H, C, D); version 1 (the first releases) stored it as (H, D, C).
     _version = 2
 

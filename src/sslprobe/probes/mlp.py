@@ -36,6 +36,8 @@ class MLPProbe(nn.Module):
         torch.Size([4, 3])
     """
 
+    flattens_input = True  # features (B, ...) are flattened to (B, D): OnlineProbe checks sizes that way
+
     def __init__(
         self,
         num_classes: int,
