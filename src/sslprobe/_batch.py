@@ -140,6 +140,11 @@ def features_of(locator: Locator, outputs: Any, batch: Any, owner: str) -> Tenso
         )
     if not isinstance(value, Tensor):
         raise TypeError(f"{owner}: input {locator!r} is a {type(value).__name__}, expected a Tensor.")
+    if value.ndim == 0:
+        raise TypeError(
+            f"{owner}: input {locator!r} is a scalar (a 0-dim tensor, such as the loss), but a probe needs one row of "
+            f"features per sample, (B, D). Pass the key of the features as input= (available: {describe(outputs)})."
+        )
     return value
 
 
