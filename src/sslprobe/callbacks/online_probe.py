@@ -464,13 +464,13 @@ class OnlineProbe(TrainableCallback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Average normalisation statistics across processes so every rank evaluates the same probe."""
-        self._sync_buffers(pl_module)
+        """Average normalisation statistics across processes, and start a new evaluation of them."""
+        self._start_evaluation(pl_module)
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Average normalisation statistics across processes so every rank evaluates the same probe."""
-        self._sync_buffers(pl_module)
+        """Average normalisation statistics across processes, and start a new evaluation of them."""
+        self._start_evaluation(pl_module)
 
     @override
     def on_validation_batch_end(
@@ -554,6 +554,8 @@ class OnlineProbe(TrainableCallback):
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log ``eval/{name}_{metric}`` over the whole validation set (all processes)."""
+        for norm in self._feature_norms(self.trainable_module(pl_module)):
+            norm.frozen_eval = False
         if trainer.sanity_checking:
             for metric in self._split_metrics(pl_module, "val").values():
                 reset_metric(metric)
@@ -579,6 +581,9 @@ class OnlineProbe(TrainableCallback):
                 "untrained probe."
             )
         features = self._features(outputs, batch)
+        for norm in self._feature_norms(probe):
+            # A second loader (a shifted domain) is normalised with the first loader's statistics.
+            norm.frozen_eval = loader > 0
         if has_uninitialized_params(probe):
             # Lightning evaluates under inference mode; parameters materialised there could never be trained.
             with torch.inference_mode(False), torch.no_grad(), self._private_rng(probe):
@@ -764,7 +769,19 @@ class OnlineProbe(TrainableCallback):
             )
         return False
 
-    def _sync_buffers(self, pl_module: pl.LightningModule) -> None:
+    def _start_evaluation(self, pl_module: pl.LightningModule) -> None:
+        probe = self.trainable_module(pl_module)
         if world_size() > 1:
-            probe = self.trainable_module(pl_module)
+            # Every rank then evaluates the same probe (the training windows' sums keep sum / count exact).
             all_reduce_mean_([b for b in probe.buffers() if b.is_floating_point()])
+        for norm in self._feature_norms(probe):
+            norm._reduce = all_reduce_sum_ if world_size() > 1 else None  # evaluation rows of every rank
+            norm.frozen_eval = False
+            norm.start_evaluation()
+
+    def _feature_norms(self, probe: nn.Module) -> list[FeatureNorm]:
+        """The probe's FeatureNorm layers (found once per probe)."""
+        cached = self.__dict__.get("_norms")
+        if cached is None or cached[0] is not probe:
+            cached = self.__dict__["_norms"] = (probe, [m for m in probe.modules() if isinstance(m, FeatureNorm)])
+        return cached[1]
