@@ -55,9 +55,10 @@ def loader_metrics(container: torch.nn.ModuleDict, split: str, loader: int = 0) 
     """
     key = STAGE_KEY[split] if loader == 0 else f"{STAGE_KEY[split]}_{loader}"
     if key not in container:
-        copied = copy.deepcopy(container[STAGE_KEY[split]])
-        for metric in copied.values():
-            reset_metric(metric)
+        with torch.inference_mode(False):  # (made during an evaluation) as the originals, outside inference mode
+            copied = copy.deepcopy(container[STAGE_KEY[split]])
+            for metric in copied.values():
+                reset_metric(metric)
         container[key] = copied
     return container[key]
 

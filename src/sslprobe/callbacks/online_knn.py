@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from numbers import Real
 from typing import Any, NamedTuple
@@ -17,7 +16,17 @@ from typing_extensions import override
 
 from sslprobe._batch import Locator, check_locator, features_of, target_of
 from sslprobe._distributed import all_gather_cat, all_reduce_sum, world_size
-from sslprobe._metrics import STAGE_KEY, STAGE_PREFIX, MetricsSpec, Top1Accuracy, normalize_metrics, reset_metric
+from sslprobe._metrics import (
+    STAGE_KEY,
+    STAGE_PREFIX,
+    MetricsSpec,
+    Top1Accuracy,
+    evaluated_loaders,
+    loader_metrics,
+    loader_suffix,
+    normalize_metrics,
+    reset_metric,
+)
 from sslprobe.callbacks.base import cached_state_key, check_name, check_name_free, ensure_containers
 from sslprobe.probes.knn import ALLOWED_DISTANCES, Distance, knn_predict
 
@@ -162,7 +171,6 @@ class OnlineKNN(Callback):
         self._rows_this_epoch = 0  # every row offered this epoch
         self._eval_bank = None
         self._eval_nonfinite: Tensor | None = None  # (), this evaluation's samples with non-finite features
-        self._num_loaders = 1
         self._warned: set[str] = set()  # the once-per-run warnings given in this fit / validate / test
 
     @property
@@ -266,8 +274,6 @@ class OnlineKNN(Callback):
     # ------------------------------------------------------------------ evaluation
 
     def _start_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
-        loaders = trainer.num_val_batches if split == "val" else trainer.num_test_batches
-        self._num_loaders = max(len(loaders), 1)
         self._eval_bank = None
         self._eval_nonfinite = None
         if self._features is None:
@@ -385,21 +391,8 @@ class OnlineKNN(Callback):
         )  # (B, C)
         if bank.widen and top >= bank.num_classes:
             scores = F.pad(scores, (0, top + 1 - bank.num_classes))  # no bank row has these classes: zero votes
-        for metric in self._loader_metrics(pl_module, split, loader).values():
+        for metric in loader_metrics(pl_module.callbacks_metrics[self.name], split, loader).values():
             metric.update(scores, labels)
-
-    def _loader_metrics(self, pl_module: pl.LightningModule, split: str, loader: int) -> nn.ModuleDict:
-        """The metrics of one eval loader: those built with the callback for loader 0, copies of them for others."""
-        root = pl_module.callbacks_metrics[self.name]
-        key = _loader_key(split, loader)
-        if key not in root:
-            # Kept in the module's ModuleDict so they move with it; made outside inference mode, as the originals.
-            with torch.inference_mode(False):
-                metrics = copy.deepcopy(root[STAGE_KEY[split]])
-                for metric in metrics.values():
-                    reset_metric(metric)
-            root[key] = metrics
-        return root[key]
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -416,14 +409,10 @@ class OnlineKNN(Callback):
         if self._eval_nonfinite is not None and not skip and split not in self._warned:
             self._warn_nonfinite(split, self._eval_nonfinite)
         self._eval_nonfinite = None
-        root = pl_module.callbacks_metrics[self.name]
-        for loader in range(self._num_loaders):
-            key = _loader_key(split, loader)
-            if key not in root:
-                continue
+        for loader, metrics in evaluated_loaders(pl_module.callbacks_metrics[self.name], split):
             # One loader keeps the plain name; several get Lightning's own suffix, one number per loader.
-            suffix = f"/dataloader_idx_{loader}" if self._num_loaders > 1 else ""
-            for name, metric in root[key].items():
+            suffix = loader_suffix(pl_module.trainer, split, loader)
+            for name, metric in metrics.items():
                 if metric.update_called and not skip:
                     pl_module.log(
                         f"{STAGE_PREFIX[split]}/{self.name}_{name}{suffix}",
@@ -490,8 +479,3 @@ class OnlineKNN(Callback):
         for key in ("seen_this_epoch", "seen_last_epoch"):
             current = getattr(self, f"_{key}")
             setattr(self, f"_{key}", torch.tensor(int(state_dict.get(key, 0)), device=current.device))
-
-
-def _loader_key(split: str, loader: int) -> str:
-    """Key of one eval loader's metrics in ``callbacks_metrics[name]``: loader 0 keeps the stage's own key."""
-    return STAGE_KEY[split] if loader == 0 else f"{STAGE_KEY[split]}_dataloader_idx_{loader}"
