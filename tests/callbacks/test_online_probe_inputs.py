@@ -211,3 +211,56 @@ def test_a_one_head_sweep_validates_and_logs():
     metrics = trainer.callback_metrics
     assert float(metrics["eval/sweep_top1"]) == float(metrics["eval/sweep_lr0.1_wd0_top1"])
     assert float(metrics["eval/sweep_best_lr"]) == pytest.approx(0.1)
+
+
+class Drift(Callback):
+    """Moves the encoder's features between validations: a shift and a scale that change every epoch."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        g = torch.Generator().manual_seed(trainer.current_epoch)
+        with torch.no_grad():
+            pl_module.shift.copy_(torch.randn(D_EMB, generator=g) * 4 * trainer.current_epoch)
+            pl_module.scale.copy_(torch.rand(D_EMB, generator=g) * 3 * trainer.current_epoch + 1)
+
+
+def drifting_forward(self, batch, stage):
+    # BatchNorm makes training and evaluation features differ, as in most encoders.
+    return {"embedding": self.backbone(batch["x"]) * self.scale + self.shift}
+
+
+class ExactReference(Callback):
+    """After each validation: the probe's weights scored on the validation features with their exact statistics."""
+
+    def __init__(self, loader):
+        self.loader, self.logged, self.exact = loader, [], []
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        probe = pl_module.callbacks_modules["linear"]
+        with torch.no_grad():
+            batch = next(iter(self.loader))
+            feats = drifting_forward(pl_module, batch, "validate")["embedding"].double()
+            z = (feats - feats.mean(0)) / torch.sqrt(feats.var(0, unbiased=False) + probe.norm.eps)
+            preds = probe.linear(z.float()).argmax(1)
+        self.exact.append(float((preds == batch["label"]).float().mean()))
+        self.logged.append(float(trainer.callback_metrics["eval/linear_top1"]))
+
+
+def test_eval_normalisation_follows_an_encoder_that_moves():
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(8, D_EMB), nn.BatchNorm1d(D_EMB), nn.ReLU())
+    model = Module(
+        forward=drifting_forward,
+        backbone=backbone,
+        shift=nn.Parameter(torch.zeros(D_EMB), requires_grad=False),
+        scale=nn.Parameter(torch.ones(D_EMB), requires_grad=False),
+    )
+    probe = OnlineProbe(model, "linear", "embedding", "label", probe=LinearProbe(NUM_CLASSES))
+    val = dict_loader(n=48, batch_size=48)
+    reference = ExactReference(val)
+    trainer = make_trainer(max_epochs=4, callbacks=[Drift(), probe, reference])
+    trainer.fit(model, dict_loader(batch_size=16), val)
+    assert len(reference.logged) == 4
+    assert reference.logged == pytest.approx(reference.exact, abs=1e-6)
+    assert min(reference.logged) > 0.6
