@@ -264,3 +264,17 @@ def test_eval_normalisation_follows_an_encoder_that_moves():
     assert len(reference.logged) == 4
     assert reference.logged == pytest.approx(reference.exact, abs=1e-6)
     assert min(reference.logged) > 0.6
+
+
+def test_features_made_under_inference_mode_train_the_probe():
+    def frozen_forward(self, batch, stage):
+        with torch.inference_mode():
+            return {"embedding": self.backbone(batch["x"])}
+
+    torch.manual_seed(0)
+    model = Module(forward=frozen_forward, backbone=nn.Sequential(nn.Linear(8, D_EMB), nn.ReLU()))
+    probe = OnlineProbe(model, "linear", "embedding", "label", probe=LinearProbe(NUM_CLASSES))
+    trainer = make_trainer(max_epochs=3, callbacks=[probe])
+    trainer.fit(model, dict_loader(), dict_loader())
+    assert probe.stepper.steps == 18
+    assert float(trainer.callback_metrics["eval/linear_top1"]) > 0.8

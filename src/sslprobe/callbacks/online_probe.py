@@ -608,7 +608,12 @@ class OnlineProbe(TrainableCallback):
             metric.update(preds, target)
 
     def _features(self, outputs: Any, batch: Any) -> Tensor:
-        return features_of(self.input, outputs, batch, self._owner)
+        features = features_of(self.input, outputs, batch, self._owner)
+        if features.is_inference() and not torch.is_inference_mode_enabled():
+            # A frozen backbone run under torch.inference_mode(): its features cannot be saved for the probe's
+            # backward; a copy made here can (they are detached anyway).
+            features = features.clone()
+        return features
 
     def _target(self, outputs: Any, batch: Any, *, required: bool) -> Tensor | None:
         target = target_of(self.target, outputs, batch, self._owner, required=required)
