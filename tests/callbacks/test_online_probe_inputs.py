@@ -266,14 +266,16 @@ def test_eval_normalisation_follows_an_encoder_that_moves():
     assert min(reference.logged) > 0.6
 
 
-def test_features_made_under_inference_mode_train_the_probe():
+@pytest.mark.parametrize("kind", ["linear", "plain"])
+def test_features_made_under_inference_mode_train_the_probe(kind):
     def frozen_forward(self, batch, stage):
         with torch.inference_mode():
             return {"embedding": self.backbone(batch["x"])}
 
     torch.manual_seed(0)
     model = Module(forward=frozen_forward, backbone=nn.Sequential(nn.Linear(8, D_EMB), nn.ReLU()))
-    probe = OnlineProbe(model, "linear", "embedding", "label", probe=LinearProbe(NUM_CLASSES))
+    module = LinearProbe(NUM_CLASSES) if kind == "linear" else nn.Linear(D_EMB, NUM_CLASSES)
+    probe = OnlineProbe(model, "linear", "embedding", "label", probe=module, optimizer={"type": "AdamW", "lr": 0.05})
     trainer = make_trainer(max_epochs=3, callbacks=[probe])
     trainer.fit(model, dict_loader(), dict_loader())
     assert probe.stepper.steps == 18
