@@ -496,13 +496,18 @@ def test_checkpoint_loads_strictly_into_fresh_module_and_with_weights_only(tmp_p
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     make_trainer(max_epochs=1, callbacks=[probe, ckpt], enable_checkpointing=True).fit(model, dict_loader())
     checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    # The model's weights alone: the same class built without any probe loads them strictly.
+    assert not any("callbacks_" in key for key in checkpoint["state_dict"])
+    make_module().load_state_dict(checkpoint["state_dict"], strict=True)
+    # With the probe too; its weights sit in its callback state.
     fresh = make_module()
     OnlineProbe(fresh, "linear", "embedding", "label", probe=nn.LazyLinear(NUM_CLASSES))
     fresh.load_state_dict(checkpoint["state_dict"], strict=True)
-    assert torch.equal(fresh.callbacks_modules["linear"].weight, model.callbacks_modules["linear"].weight)
     state = checkpoint["callbacks"][probe.state_key]
+    fresh.callbacks_modules["linear"].load_state_dict(state["module"])
+    assert torch.equal(fresh.callbacks_modules["linear"].weight, model.callbacks_modules["linear"].weight)
     assert state["batches"] == 2 and state["steps"] == 1
-    assert {"optimizer", "scheduler", "accumulated", "rng"} <= set(state)
+    assert {"optimizer", "scheduler", "accumulated", "rng", "module"} <= set(state)
 
 
 def test_state_dict_round_trip_and_parking():

@@ -12,44 +12,30 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
 from sslprobe._build import ModuleSpec, build_module, has_uninitialized_params
+from sslprobe._containers import ensure_containers
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum, broadcast_, world_size
 from sslprobe._rng import PrivateRNG, needs_private_rng
 from sslprobe._run_length import run_length
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec, create_optimizer, create_scheduler, split_interval
 from sslprobe.optim.stepper import Stepper
 
-__all__ = ["TrainableCallback"]
+__all__ = ["TrainableCallback", "ensure_containers"]
 
 log = logging.getLogger(__name__)
 
 _ALLOWED_CLIP_ALGORITHMS = ("norm", "value")
+# State keys of sslprobe's callbacks in a checkpoint (their class names), and the mark of a checkpoint already read.
+_PROBE_CLASSES = ("OnlineProbe", "ProbeSweep", "OnlineKNN", "RefitProbe", "TrainableCallback")
+_SAID_KEY = "_sslprobe_read"
 # Strategies whose module holds full, unsharded parameters on every process.
 _REPLICATED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
-
-
-def ensure_containers(module: nn.Module, owner: str) -> tuple[nn.ModuleDict, nn.ModuleDict]:
-    """Return ``module.callbacks_modules`` and ``module.callbacks_metrics``, creating them on a plain module."""
-    containers = []
-    for attr in ("callbacks_modules", "callbacks_metrics"):
-        existing = getattr(module, attr, None)
-        if existing is None:
-            existing = nn.ModuleDict()
-            # The one write to a user's module: the two containers the SPEC puts probes and metrics in.
-            setattr(module, attr, existing)
-        elif not isinstance(existing, nn.ModuleDict):
-            raise TypeError(
-                f"{owner}: {type(module).__name__}.{attr} is a {type(existing).__name__}; sslprobe keeps probes "
-                f"there and needs an nn.ModuleDict. Rename your attribute."
-            )
-        containers.append(existing)
-    return containers[0], containers[1]
 
 
 def cached_state_key(callback: Callback) -> str:
@@ -340,8 +326,42 @@ class TrainableCallback(Callback):
         return state
 
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Put the probe's weights beside its training state (the model's own ``state_dict`` leaves them out)."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None:
+            state["module"] = self.trainable_module(pl_module).state_dict()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Load the probe's weights from its state in ``checkpoint``; say which probes start fresh or are dropped."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, Mapping):
+            return  # a weights-only checkpoint: the model alone
+        if not checkpoint.get(_SAID_KEY):
+            checkpoint[_SAID_KEY] = True  # once per checkpoint, whichever probe reads it first
+            ours = {c.state_key for c in trainer.callbacks}
+            dropped = [k for k in states if k.startswith(_PROBE_CLASSES) and k not in ours]
+            if dropped:
+                rank_zero_info(
+                    f"sslprobe: the checkpoint holds state for {', '.join(dropped)}, which this run does not have; "
+                    "that state is dropped."
+                )
+        state = states.get(self.state_key)
+        if state is None:
+            rank_zero_info(f"{self._owner}: the checkpoint holds no state for this probe; it starts fresh.")
+            return
+        if "module" in state:
+            self.trainable_module(pl_module).load_state_dict(state["module"])
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
+        state.pop("module", None)  # the probe's weights: loaded by on_load_checkpoint, which sees the module
         if "rng" in state:
             self._rng.load_state_dict(state.pop("rng"))
         if not state:

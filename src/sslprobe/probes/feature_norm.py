@@ -174,6 +174,16 @@ class FeatureNorm(nn.modules.lazy.LazyModuleMixin, nn.Module):
         if mean is not None and prefix + "train_moments" not in state_dict:
             state_dict[prefix + "train_moments"] = torch.zeros(2 * mean.shape[0] + 1, dtype=torch.float64)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
+        if isinstance(self.eval_moments, UninitializedBuffer) and not isinstance(
+            self.running_mean, UninitializedBuffer
+        ):
+            # A lazy module loaded its sizes: the evaluation sums (not saved) follow, so nothing is left to infer.
+            size = self.running_mean.shape[0]
+            self.register_buffer(
+                "eval_moments",
+                torch.zeros(2 * size + 1, dtype=torch.float64, device=self.running_mean.device),
+                persistent=False,
+            )
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, eps={self.eps}, eval_stats={self.eval_stats!r}"
