@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
+import io
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,16 +33,24 @@ class Module(pl.LightningModule):
     Probes and their metrics live in ``callbacks_modules`` and ``callbacks_metrics`` (two ``nn.ModuleDict``): part
     of the ``state_dict``, moved with the module, never in the main optimizer.
 
+    ``hparams`` are saved as Lightning's ``save_hyperparameters(hparams)`` saves them: in ``model.hparams``, sent to
+    the logger, and in the checkpoint's ``hyper_parameters``, so ``Module.load_from_checkpoint(path, forward=...,
+    backbone=...)`` builds the module with them again (give it what is not saved: ``forward`` and the modules).
+
     Args:
         forward: ``forward(self, batch, stage) -> dict``, bound to the instance; or define ``forward`` in a subclass.
         optim: the main optimizer, in any form a probe's ``optimizer`` takes (a name, ``{"type": ..., **kwargs}``,
             a partial or class), or ``{"optimizer": ..., "scheduler": ..., "interval": "step" | "epoch"}``;
             ``None`` for no main training.
+        hparams: hyperparameters to save with the model: a dict (or another mapping, an ``argparse.Namespace``, or
+            an OmegaConf ``DictConfig``, saved resolved as plain dicts and lists) of values a checkpoint can hold
+            and reload (numbers, strings, bools, ``None``, tensors, lists and dicts of them).
         **modules: attributes; ``nn.Module`` values become registered submodules (``backbone=...``).
 
     Raises:
-        TypeError: when there is no ``forward`` or ``optim`` has an unknown form.
-        ValueError: for a reserved attribute name or a bad interval.
+        TypeError: when there is no ``forward``, ``optim`` has an unknown form, or ``hparams`` is not a mapping of
+            string keys to values a checkpoint can reload.
+        ValueError: for a reserved or read-only attribute name or a bad interval.
 
     Examples:
         >>> import torch
@@ -48,19 +60,23 @@ class Module(pl.LightningModule):
         >>> model = Module(forward=forward, backbone=torch.nn.Linear(4, 2), optim={"type": "SGD", "lr": 0.1})
         >>> sorted(model(dict(x=torch.randn(3, 4)), "fit"))
         ['embedding', 'loss']
+        >>> Module(forward=forward, backbone=torch.nn.Linear(4, 2), hparams={"lr": 0.1}).hparams
+        "lr": 0.1
     """
 
     def __init__(
         self,
         forward: Callable[..., dict[str, Any]] | None = None,
         optim: OptimizerSpec | Mapping[str, Any] = None,
+        hparams: Mapping[str, Any] | argparse.Namespace | None = None,
         **modules: Any,
     ) -> None:
         super().__init__()
         if forward is None and type(self).forward is Module.forward:
             raise TypeError(
-                "Module: there is no forward. Pass forward=fn with fn(self, batch, stage) -> dict, or subclass "
-                "Module and define forward(self, batch, stage)."
+                "Module: there is no forward. Pass forward=fn with fn(self, batch, stage) -> dict (to "
+                "Module.load_from_checkpoint too: a checkpoint does not hold it), or subclass Module and define "
+                "forward(self, batch, stage)."
             )
         if forward is not None and not callable(forward):
             raise TypeError(
@@ -69,6 +85,13 @@ class Module(pl.LightningModule):
         for key in modules:
             if key in _RESERVED:
                 raise ValueError(f"Module: {key!r} is reserved; give that attribute another name.")
+            attribute = inspect.getattr_static(type(self), key, None)
+            if isinstance(attribute, property) and attribute.fset is None:
+                raise ValueError(
+                    f"Module: {key!r} is a read-only attribute of {type(self).__name__}; give that attribute another "
+                    "name."
+                )
+        saved_hparams = _plain_hparams(hparams, arguments={"forward": forward, "optim": optim, **modules})
         self._optim_spec, self._scheduler_spec, self._interval = self._split_optim(optim)
         self._forward_fn = forward
         self.callbacks_modules = nn.ModuleDict()
@@ -76,6 +99,8 @@ class Module(pl.LightningModule):
         for key, value in modules.items():
             setattr(self, key, value)
         self._step_anchor: Tensor | None = None
+        if saved_hparams:
+            _save_hparams(self, saved_hparams)
 
     @staticmethod
     def _split_optim(optim: Any) -> tuple[Any, Any, str]:
@@ -170,3 +195,80 @@ class Module(pl.LightningModule):
             total = self.trainer.estimated_stepping_batches
         scheduler = create_scheduler(self._scheduler_spec, optimizer, total=total, owner="Module")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self._interval}}
+
+
+def _plain_hparams(hparams: Any, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """``hparams`` as a plain dict of values a checkpoint can hold and reload; a clear error for anything else."""
+    if hparams is None:
+        return {}
+    if type(hparams).__module__.startswith("omegaconf."):  # imported only when given one: an optional extra
+        from omegaconf import OmegaConf
+
+        # Plain containers: a checkpoint reloads them with torch.load(weights_only=True), and load_from_checkpoint
+        # can merge its keyword arguments (functions, modules) into them, which a DictConfig refuses.
+        hparams = OmegaConf.to_container(hparams, resolve=True)
+    elif isinstance(hparams, argparse.Namespace):
+        hparams = vars(hparams)
+    if not isinstance(hparams, Mapping):
+        raise TypeError(
+            "Module: hparams must be a dict (or another mapping, an argparse.Namespace or an OmegaConf DictConfig), "
+            f"got {type(hparams).__name__}. Pass e.g. hparams={{'lr': 1e-3, 'batch_size': 256}}."
+        )
+    for key in hparams:
+        if not isinstance(key, str):
+            raise TypeError(
+                f"Module: hparams keys must be strings, got {key!r} ({type(key).__name__}). Use str keys, as "
+                "save_hyperparameters and the loggers expect."
+            )
+    plain = {}
+    for key, value in hparams.items():
+        if _reloadable(value):
+            plain[key] = value
+            continue
+        # load_from_checkpoint(path, **kwargs) merges its keyword arguments into the saved hyperparameters before it
+        # hands them back as hparams= (Lightning's "kwargs override saved hyperparameters"): the function and the
+        # modules it is given (forward=, backbone=, ...) are this call's arguments, not hyperparameters.
+        if key in arguments and arguments[key] is value:
+            continue
+        raise TypeError(
+            f"Module: hparams[{key!r}] (a {type(value).__name__}) is not a value a checkpoint can hold and reload "
+            "(load_from_checkpoint reads checkpoints with torch.load, weights_only=True by default). Give "
+            "hyperparameters as numbers, strings, bools, None, tensors, or lists and dicts of them (e.g. "
+            f"str(path)); pass an object the model uses as an attribute instead: Module(..., {key}=value)."
+        )
+    return plain
+
+
+def _reloadable(value: Any) -> bool:
+    """Whether ``value`` survives a checkpoint: ``torch.save``, then ``torch.load(weights_only=True)``."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(value, buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception:  # pickling and weights-only loading fail in many ways, with many types
+        return False
+    return True
+
+
+def _save_hparams(module: pl.LightningModule, hparams: dict[str, Any]) -> None:
+    """``module.save_hyperparameters(hparams)``, named for ``load_from_checkpoint`` to pass back as ``hparams=``.
+
+    Lightning names a saved dict after the ``__init__`` argument that compares equal to it in the calling frames;
+    ``load_from_checkpoint`` passes the dict back under that name, else spreads its keys as keyword arguments (which
+    ``Module`` would make attributes). That search can pick another argument of equal value and fails on one whose
+    ``==`` is element-wise (a NumPy array), so it gets a frame without callers, where it finds no argument to
+    compare, and the name is set here: ``_hparams_name`` is the private attribute Lightning writes as the
+    checkpoint's ``hparams_name`` (``tests/test_module.py`` checks both).
+    """
+    module.save_hyperparameters(hparams, frame=_frame_without_caller())
+    module._hparams_name = "hparams"
+
+
+def _frame_without_caller() -> types.FrameType:
+    def idle() -> Any:
+        yield
+
+    frame = idle().gi_frame  # a generator not started yet has a frame and no caller
+    assert frame is not None and frame.f_back is None
+    return frame
