@@ -3,7 +3,9 @@ from __future__ import annotations
 import argparse
 import functools
 import types
+import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -281,3 +283,85 @@ def test_hparams_that_cannot_be_honoured(hparams, error):
 def test_read_only_attribute_names_are_refused(name):
     with pytest.raises(ValueError, match=rf"Module: '{name}' is a read-only attribute of Module; give that"):
         make_module(**{name: 1})
+
+
+UNTRAINED = "Module: forward returned a 'loss' in stage 'fit', but optim=None, so the main model is not trained"
+
+
+def untrained_warnings(record):
+    return [w for w in record if str(w.message).startswith(UNTRAINED)]
+
+
+def test_a_loss_without_an_optimizer_warns_once_per_fit_from_its_first_loss():
+    calls = []
+
+    def loss_from_the_third_batch(self, batch, stage):
+        calls.append(stage)
+        emb = self.backbone(batch["x"])
+        return {"embedding": emb, "loss": emb.pow(2).mean()} if len(calls) >= 3 else {"embedding": emb}
+
+    class CountWarnings(pl.Callback):
+        def __init__(self, record):
+            self.record, self.seen = record, []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append(len(untrained_warnings(self.record)))
+
+    model = Module(forward=loss_from_the_third_batch, backbone=nn.Linear(D_IN, D_EMB))
+    before = model.backbone.weight.detach().clone()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")  # counts every call: once per fit is the module's doing
+        counter = CountWarnings(record)
+        make_trainer(max_steps=4, max_epochs=-1, callbacks=[counter]).fit(model, dict_loader())
+        assert counter.seen == [0, 0, 1, 1]
+        make_trainer(max_steps=3, max_epochs=-1).fit(model, dict_loader())
+    first, _ = untrained_warnings(record)  # one for each fit
+    assert first.category is UserWarning
+    assert "give it an optimizer, e.g. Module(..., optim={'type': 'AdamW', 'lr': 1e-3})" in str(first.message)
+    assert torch.equal(model.backbone.weight, before)
+
+
+@pytest.mark.parametrize("case", ["no loss", "optimizer given", "nothing trainable"])
+def test_no_untrained_warning_without_a_loss_with_an_optimizer_or_with_nothing_to_train(case):
+    if case == "no loss":
+        model = Module(forward=lambda self, b, stage: {"embedding": self.net(b["x"])}, net=nn.Linear(D_IN, 2))
+    elif case == "optimizer given":
+        model = make_module(optim={"type": "SGD", "lr": 0.1})
+    else:
+        model = make_module(optim=None)
+        model.backbone.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(max_steps=3, max_epochs=-1).fit(model, dict_loader())
+    assert untrained_warnings(record) == []
+
+
+class NoHostRead(torch.Tensor):
+    """A loss whose value must not be read on the host while ``armed`` (``bool()``, ``.item()``, ...)."""
+
+    armed = False
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if cls.armed and name in ("__bool__", "item", "tolist", "__float__", "__int__", "cpu", "numpy", "__eq__"):
+            raise AssertionError(f"the training step read the loss on the host: Tensor.{name}")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_untrained_warning_reads_no_loss_value():
+    def noisy_loss(self, batch, stage):
+        emb = self.backbone(batch["x"])
+        return {"embedding": emb, "loss": emb.pow(2).mean().as_subclass(NoHostRead)}
+
+    class Armed(Module):
+        def training_step(self, batch, batch_idx):
+            NoHostRead.armed = True
+            try:
+                return super().training_step(batch, batch_idx)
+            finally:
+                NoHostRead.armed = False
+
+    model = Armed(forward=noisy_loss, backbone=nn.Linear(D_IN, D_EMB))
+    with pytest.warns(UserWarning, match=UNTRAINED):
+        make_trainer(max_steps=3, max_epochs=-1).fit(model, dict_loader())

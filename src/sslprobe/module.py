@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from sslprobe.optim.factories import OptimizerSpec, create_optimizer, create_scheduler, split_interval
@@ -28,7 +29,8 @@ class Module(pl.LightningModule):
     ``stage`` is ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``. In ``"fit"`` the dict holds the main loss
     under ``"loss"``; other keys (``"embedding"``, ...) are what probes read. With ``optim=None`` the main model is
     not trained (a frozen backbone evaluated by probes alone): ``forward`` runs without gradients, and
-    ``trainer.global_step`` still counts training batches, so ``max_steps`` ends the run.
+    ``trainer.global_step`` still counts training batches, so ``max_steps`` ends the run. A ``"loss"`` returned then
+    trains nothing, and the first one of each fit warns so.
 
     Probes and their metrics live in ``callbacks_modules`` and ``callbacks_metrics`` (two ``nn.ModuleDict``): part
     of the ``state_dict``, moved with the module, never in the main optimizer.
@@ -99,6 +101,7 @@ class Module(pl.LightningModule):
         for key, value in modules.items():
             setattr(self, key, value)
         self._step_anchor: Tensor | None = None
+        self._untrained_warned = False
         if saved_hparams:
             _save_hparams(self, saved_hparams)
 
@@ -144,6 +147,8 @@ class Module(pl.LightningModule):
         if not self.trains_main_model:
             with torch.no_grad():
                 out = self._run(batch, "fit")
+            if not self._untrained_warned and out.get("loss") is not None:
+                self._warn_untrained()
             return self._untrained_loss(out)
         out = self._run(batch, "fit")
         if out.get("loss") is None:
@@ -152,6 +157,18 @@ class Module(pl.LightningModule):
                 "pass optim=None to evaluate a frozen model with probes only."
             )
         return out
+
+    def _warn_untrained(self) -> None:
+        self._untrained_warned = True
+        if not self.main_parameters():
+            return  # nothing an optimizer could train: a loss of a frozen model is only reported
+        rank_zero_warn(
+            "Module: forward returned a 'loss' in stage 'fit', but optim=None, so the main model is not trained (its "
+            "parameters stay as they are; only probes train). To train it, give it an optimizer, e.g. "
+            "Module(..., optim={'type': 'AdamW', 'lr': 1e-3}); to evaluate a frozen model with probes alone, return "
+            "no 'loss' (or freeze its parameters).",
+            category=UserWarning,
+        )
 
     def _untrained_loss(self, out: dict[str, Any]) -> dict[str, Any]:
         # Lightning counts global_step in optimizer steps. Without a main optimizer, a zero-gradient step of a
@@ -184,6 +201,7 @@ class Module(pl.LightningModule):
         """Build the main optimizer (and scheduler) over :meth:`main_parameters`."""
         if not self.trains_main_model:
             self._step_anchor = torch.zeros((), device=self.device, requires_grad=True)
+            self._untrained_warned = False  # once per fit: this runs at the start of each
             return torch.optim.SGD([self._step_anchor], lr=0.0)
         optimizer = create_optimizer(self._optim_spec, self.main_parameters(), owner="Module")
         if self._scheduler_spec is None:
