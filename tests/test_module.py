@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import argparse
 import functools
+import types
+import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
@@ -135,3 +139,231 @@ def test_stage_names_reach_forward():
     trainer.test(model, dict_loader())
     trainer.predict(model, dict_loader())
     assert stages == ["fit", "validate", "test", "predict"]
+
+
+HPARAMS = {"lr": 1e-3, "batch_size": 256, "tags": ["simclr", "digits"], "augment": {"crop": 0.8}, "note": None}
+
+
+def fresh_backbone():
+    return nn.Sequential(nn.Linear(D_IN, D_EMB), nn.ReLU())
+
+
+def test_hparams_are_saved_as_save_hyperparameters_would_and_reload(tmp_path):
+    model = make_module(hparams=HPARAMS)
+    assert dict(model.hparams) == HPARAMS and dict(model.hparams_initial) == HPARAMS
+    trainer = make_trainer(max_steps=2, max_epochs=-1)
+    trainer.fit(model, dict_loader())
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["hyper_parameters"] == HPARAMS
+    # Lightning's name for what load_from_checkpoint passes back as one argument (a private attribute behind it)
+    assert checkpoint["hparams_name"] == "hparams"
+
+    reloaded = Module.load_from_checkpoint(path, forward=forward, backbone=fresh_backbone())
+    assert dict(reloaded.hparams) == HPARAMS  # not spread into attributes, no forward or backbone added
+    assert not hasattr(reloaded, "lr")
+    assert torch.equal(reloaded.backbone[0].weight, model.backbone[0].weight)
+    # and it checkpoints again (a function or module merged into its hparams would not pickle or reload)
+    trainer = make_trainer(max_steps=1, max_epochs=-1)
+    trainer.fit(reloaded, dict_loader())
+    trainer.save_checkpoint(tmp_path / "again.ckpt")
+    assert torch.load(tmp_path / "again.ckpt", weights_only=True)["hyper_parameters"] == HPARAMS
+
+
+def test_hparams_reach_the_logger(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    model = make_module(hparams={"lr": 0.25, "depth": 2})
+    make_trainer(max_steps=1, max_epochs=-1, logger=CSVLogger(tmp_path, name="", version="")).fit(model, dict_loader())
+    assert sorted((tmp_path / "hparams.yaml").read_text().splitlines()) == ["depth: 2", "lr: 0.25"]
+
+
+def test_hparams_name_survives_arguments_equal_to_them_or_compared_element_wise(tmp_path):
+    np = pytest.importorskip("numpy")
+    hparams = {"type": "SGD", "lr": 0.05}
+    model = make_module(optim=dict(hparams), hparams=hparams, weights=np.ones(3))
+    trainer = make_trainer(max_steps=1, max_epochs=-1)
+    trainer.fit(model, dict_loader())
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    reloaded = Module.load_from_checkpoint(tmp_path / "model.ckpt", forward=forward, backbone=fresh_backbone())
+    assert dict(reloaded.hparams) == hparams
+
+
+def test_hparams_equal_to_arguments_stay_and_plain_reload_arguments_override_them(tmp_path):
+    lr = 0.05
+    model = make_module(hparams={"lr": lr, "depth": 2}, lr=lr)  # the same value as an attribute and a hyperparameter
+    assert dict(model.hparams) == {"lr": lr, "depth": 2} and model.lr == lr
+    trainer = make_trainer(max_steps=1, max_epochs=-1)
+    trainer.fit(model, dict_loader())
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    # Lightning: keyword arguments of load_from_checkpoint override saved hyperparameters of the same name
+    reloaded = Module.load_from_checkpoint(tmp_path / "model.ckpt", forward=forward, backbone=fresh_backbone(), lr=0.5)
+    assert dict(reloaded.hparams) == {"lr": 0.5, "depth": 2} and reloaded.lr == 0.5
+
+
+class WithItsOwnArguments(Module):
+    def __init__(self, lr: float = 0.1, depth: int = 2):
+        super().__init__(
+            forward=forward,
+            backbone=fresh_backbone(),
+            optim={"type": "SGD", "lr": lr},
+            hparams={"lr": lr, "depth": depth},
+        )
+
+
+def test_subclass_reloads_from_its_hparams_alone(tmp_path):
+    model = WithItsOwnArguments(lr=0.3, depth=4)
+    trainer = make_trainer(max_steps=1, max_epochs=-1)
+    trainer.fit(model, dict_loader())
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    # its __init__ has no hparams=: Lightning passes the saved keys as its keyword arguments
+    reloaded = WithItsOwnArguments.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert dict(reloaded.hparams) == {"lr": 0.3, "depth": 4}
+    assert torch.equal(reloaded.backbone[0].weight, model.backbone[0].weight)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        pytest.param(types.MappingProxyType(HPARAMS), id="mapping"),
+        pytest.param(argparse.Namespace(**HPARAMS), id="namespace"),
+    ],
+)
+def test_hparams_forms(given):
+    model = make_module(hparams=given)
+    assert type(model.hparams).__name__ == "AttributeDict" and dict(model.hparams) == HPARAMS
+
+
+def test_hparams_from_an_omegaconf_config_are_saved_resolved_and_plain(tmp_path):
+    omegaconf = pytest.importorskip("omegaconf")
+    config = omegaconf.OmegaConf.create({"lr": 1e-3, "warmup_lr": "${lr}", "augment": {"crop": 0.8}})
+    model = make_module(hparams=config)
+    expected = {"lr": 1e-3, "warmup_lr": 1e-3, "augment": {"crop": 0.8}}
+    assert dict(model.hparams) == expected and type(model.hparams["augment"]) is dict
+    trainer = make_trainer(max_steps=1, max_epochs=-1)
+    trainer.fit(model, dict_loader())
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    assert torch.load(tmp_path / "model.ckpt", weights_only=True)["hyper_parameters"] == expected
+    reloaded = Module.load_from_checkpoint(tmp_path / "model.ckpt", forward=forward, backbone=fresh_backbone())
+    assert dict(reloaded.hparams) == expected
+
+
+def test_no_hparams_saves_none():
+    model = make_module(hparams={})
+    assert dict(model.hparams) == {}
+    assert not make_module().hparams
+
+
+class Opaque:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("hparams", "error"),
+    [
+        ([("lr", 0.1)], r"Module: hparams must be a dict \(or another mapping, an argparse.Namespace or an OmegaConf "),
+        ("lr=0.1", r"hparams must be a dict .*got str\. Pass e.g\. hparams=\{'lr': 1e-3"),
+        ({1: "a"}, r"Module: hparams keys must be strings, got 1 \(int\)"),
+        ({"fn": lambda: 0}, r"Module: hparams\['fn'\] \(a function\) is not a value a checkpoint can hold and reload"),
+        (
+            {"thing": Opaque()},
+            r"hparams\['thing'\] \(a Opaque\) is not .*pass an object the model uses as an attribute ",
+        ),
+        (
+            {"net": nn.Linear(2, 2)},
+            r"hparams\['net'\] \(a Linear\) is not a value a checkpoint.*Module\(\.\.\., net=value\)",
+        ),
+    ],
+)
+def test_hparams_that_cannot_be_honoured(hparams, error):
+    with pytest.raises(TypeError, match=error):
+        make_module(hparams=hparams)
+
+
+@pytest.mark.parametrize("name", ["hparams_initial", "device", "global_step"])
+def test_read_only_attribute_names_are_refused(name):
+    with pytest.raises(ValueError, match=rf"Module: '{name}' is a read-only attribute of Module; give that"):
+        make_module(**{name: 1})
+
+
+UNTRAINED = "Module: forward returned a 'loss' in stage 'fit', but optim=None, so the main model is not trained"
+
+
+def untrained_warnings(record):
+    return [w for w in record if str(w.message).startswith(UNTRAINED)]
+
+
+def test_a_loss_without_an_optimizer_warns_once_per_fit_from_its_first_loss():
+    calls = []
+
+    def loss_from_the_third_batch(self, batch, stage):
+        calls.append(stage)
+        emb = self.backbone(batch["x"])
+        return {"embedding": emb, "loss": emb.pow(2).mean()} if len(calls) >= 3 else {"embedding": emb}
+
+    class CountWarnings(pl.Callback):
+        def __init__(self, record):
+            self.record, self.seen = record, []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append(len(untrained_warnings(self.record)))
+
+    model = Module(forward=loss_from_the_third_batch, backbone=nn.Linear(D_IN, D_EMB))
+    before = model.backbone.weight.detach().clone()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")  # counts every call: once per fit is the module's doing
+        counter = CountWarnings(record)
+        make_trainer(max_steps=4, max_epochs=-1, callbacks=[counter]).fit(model, dict_loader())
+        assert counter.seen == [0, 0, 1, 1]
+        make_trainer(max_steps=3, max_epochs=-1).fit(model, dict_loader())
+    first, _ = untrained_warnings(record)  # one for each fit
+    assert first.category is UserWarning
+    assert "give it an optimizer, e.g. Module(..., optim={'type': 'AdamW', 'lr': 1e-3})" in str(first.message)
+    assert torch.equal(model.backbone.weight, before)
+
+
+@pytest.mark.parametrize("case", ["no loss", "optimizer given", "nothing trainable"])
+def test_no_untrained_warning_without_a_loss_with_an_optimizer_or_with_nothing_to_train(case):
+    if case == "no loss":
+        model = Module(forward=lambda self, b, stage: {"embedding": self.net(b["x"])}, net=nn.Linear(D_IN, 2))
+    elif case == "optimizer given":
+        model = make_module(optim={"type": "SGD", "lr": 0.1})
+    else:
+        model = make_module(optim=None)
+        model.backbone.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        make_trainer(max_steps=3, max_epochs=-1).fit(model, dict_loader())
+    assert untrained_warnings(record) == []
+
+
+class NoHostRead(torch.Tensor):
+    """A loss whose value must not be read on the host while ``armed`` (``bool()``, ``.item()``, ...)."""
+
+    armed = False
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if cls.armed and name in ("__bool__", "item", "tolist", "__float__", "__int__", "cpu", "numpy", "__eq__"):
+            raise AssertionError(f"the training step read the loss on the host: Tensor.{name}")
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_untrained_warning_reads_no_loss_value():
+    def noisy_loss(self, batch, stage):
+        emb = self.backbone(batch["x"])
+        return {"embedding": emb, "loss": emb.pow(2).mean().as_subclass(NoHostRead)}
+
+    class Armed(Module):
+        def training_step(self, batch, batch_idx):
+            NoHostRead.armed = True
+            try:
+                return super().training_step(batch, batch_idx)
+            finally:
+                NoHostRead.armed = False
+
+    model = Armed(forward=noisy_loss, backbone=nn.Linear(D_IN, D_EMB))
+    with pytest.warns(UserWarning, match=UNTRAINED):
+        make_trainer(max_steps=3, max_epochs=-1).fit(model, dict_loader())

@@ -21,6 +21,17 @@ def test_demo_end_to_end_on_a_tiny_budget(tmp_path, capsys):
     assert (tmp_path / "run" / "probes.png").stat().st_size > 10_000
 
 
+def test_demo_reports_its_probes_with_the_progress_bar_on(tmp_path, capsys):
+    # The Trainer appends its progress bar to the callbacks list it is given; the summary must still list the probes.
+    assert main(["demo", "--max-epochs", "1", "--batch-size", "512", "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "Epoch 0" in printed  # the progress bar ran
+    (row,) = [line for line in printed.splitlines() if line.startswith("linear ")]
+    first, last = (float(v) for v in row.split()[1:])
+    logged = read_metrics(tmp_path / "run" / "metrics.csv")["eval/linear_top1"]
+    assert first == last == pytest.approx(logged[0][2], abs=5e-5)  # printed with 4 decimals
+
+
 def test_missing_extra_names_the_install_command(monkeypatch, capsys, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))

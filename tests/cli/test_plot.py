@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from sslprobe.cli.main import main
+from sslprobe.cli.plot import find_metrics_csv
 
 CSV = """epoch,step,eval/linear_top1,train/linear_loss,train/linear_top1,train/ssl_loss
 0,0,,2.3,,6.1
@@ -40,8 +41,37 @@ def test_plot_rejects_other_files_and_missing_matplotlib(tmp_path, monkeypatch, 
     bad = tmp_path / "x.csv"
     bad.write_text("a,b\n1,2\n")
     assert main(["plot", str(bad)]) == 2
-    assert "not a Lightning CSVLogger file" in capsys.readouterr().err
+    # the command is named once, not once by the message and again by main
+    assert capsys.readouterr().err == f"sslprobe plot: {bad} is not a Lightning CSVLogger file (no 'step' column).\n"
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     assert main(["plot", str(bad)]) == 2
     assert "pip install 'sslprobe[plot]'" in capsys.readouterr().err
+
+
+def test_plot_accepts_the_run_folder_the_demo_prints(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "metrics.csv").write_text(CSV)
+    assert main(["plot", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'probes.png'} from {tmp_path / 'metrics.csv'}\n"
+    assert (tmp_path / "probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_takes_the_newest_csvlogger_version(tmp_path):
+    pytest.importorskip("matplotlib")
+    for n in (0, 2, 10):  # 10 sorts before 2 as text
+        (tmp_path / f"version_{n}").mkdir()
+        (tmp_path / f"version_{n}" / "metrics.csv").write_text(CSV if n == 10 else "not,a,log\n")
+    (tmp_path / "version_x").mkdir()  # a named version is no candidate
+    (tmp_path / "version_x" / "metrics.csv").write_text("not,a,log\n")
+    assert find_metrics_csv(tmp_path) == tmp_path / "version_10" / "metrics.csv"
+    assert main(["plot", str(tmp_path)]) == 0
+    assert (tmp_path / "version_10" / "probes.png").exists()
+
+
+def test_plot_folder_without_a_csv_says_so(tmp_path, capsys):
+    (tmp_path / "version_0").mkdir()
+    assert main(["plot", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sslprobe plot: no metrics.csv in the folder {tmp_path}, nor in a version_N/ folder")
+    assert "Traceback" not in err and "sslprobe plot: sslprobe plot" not in err

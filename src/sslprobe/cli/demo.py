@@ -67,7 +67,7 @@ def simclr_forward(self: Module, batch: dict[str, torch.Tensor], stage: str) -> 
     return {"embedding": h_clean, "loss": loss}
 
 
-def build(args: argparse.Namespace, steps_per_epoch: int) -> tuple[Module, list[pl.Callback]]:
+def build(args: argparse.Namespace, steps_per_epoch: int) -> tuple[Module, tuple[OnlineProbe, ...]]:
     """The SimCLR module and its probes."""
     encoder = ConvEncoder(out_features=128, width=32)
     projector = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
@@ -82,9 +82,7 @@ def build(args: argparse.Namespace, steps_per_epoch: int) -> tuple[Module, list[
             "interval": "step",
         },
     )
-    probes: list[pl.Callback] = [
-        OnlineProbe(model, "linear", input="embedding", target="label", probe=LinearProbe(NUM_CLASSES)),
-    ]
+    probes = (OnlineProbe(model, "linear", input="embedding", target="label", probe=LinearProbe(NUM_CLASSES)),)
     return model, probes
 
 
@@ -146,7 +144,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             devices=devices,
             logger=logger,
             log_every_n_steps=1,
-            callbacks=probes,
+            # The Trainer adds its own callbacks (the progress bar) to the list it is given: hand it a copy, and
+            # report on the probes built here.
+            callbacks=list(probes),
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=not args.no_progress,

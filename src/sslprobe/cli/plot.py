@@ -4,12 +4,57 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
 from sslprobe._imports import require
 
-__all__ = ["plot_metrics", "read_metrics"]
+__all__ = ["find_metrics_csv", "plot_metrics", "read_metrics"]
+
+_VERSION_DIR = re.compile(r"version_(\d+)")
+
+
+def find_metrics_csv(path: str | Path) -> Path:
+    r"""The ``metrics.csv`` that ``path`` names: the file itself, or the one in a run folder.
+
+    A folder holds it directly (``sslprobe demo``'s run folder) or in Lightning's ``CSVLogger`` layout,
+    ``version_N/metrics.csv``; of several versions, the newest (highest ``N``) is taken.
+
+    Args:
+        path: a ``metrics.csv`` (returned as it is) or a folder.
+
+    Returns:
+        The path of the CSV file.
+
+    Raises:
+        FileNotFoundError: when a folder holds no ``metrics.csv`` in either place.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> run = pathlib.Path(tempfile.mkdtemp())
+        >>> for n in (1, 2, 10):
+        ...     (run / f"version_{n}").mkdir()
+        ...     _ = (run / f"version_{n}" / "metrics.csv").write_text("epoch,step\n")
+        >>> find_metrics_csv(run).relative_to(run).as_posix()
+        'version_10/metrics.csv'
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / "metrics.csv").is_file():
+        return path / "metrics.csv"
+    versions = [
+        (int(match.group(1)), csv_path)
+        for csv_path in path.glob("version_*/metrics.csv")
+        if (match := _VERSION_DIR.fullmatch(csv_path.parent.name)) and csv_path.is_file()
+    ]
+    if not versions:
+        raise FileNotFoundError(
+            f"sslprobe plot: no metrics.csv in the folder {path}, nor in a version_N/ folder inside it. Pass a "
+            "metrics.csv written by Lightning's CSVLogger, or the run folder that holds it."
+        )
+    return max(versions)[1]
 
 
 def read_metrics(path: str | Path) -> dict[str, list[tuple[float, float, float]]]:
@@ -44,7 +89,8 @@ def plot_metrics(csv_path: str | Path, out_path: str | Path | None = None, title
     """Plot every metric of a Lightning CSV log: accuracies and other metrics per epoch, losses per step.
 
     Args:
-        csv_path: a ``metrics.csv`` written by Lightning's ``CSVLogger``.
+        csv_path: a ``metrics.csv`` written by Lightning's ``CSVLogger``, or a run folder holding one (see
+            :func:`find_metrics_csv`).
         out_path: the PNG to write; default ``probes.png`` beside the CSV.
         title: figure title; default the CSV's folder name.
 
@@ -53,6 +99,7 @@ def plot_metrics(csv_path: str | Path, out_path: str | Path | None = None, title
 
     Raises:
         ModuleNotFoundError: when matplotlib is not installed (with the install line).
+        FileNotFoundError: when there is no such file, or the folder holds no ``metrics.csv``.
         ValueError: when the file is not a Lightning CSV log or holds no metric.
     """
     require("matplotlib", feature="sslprobe plot")
@@ -61,7 +108,7 @@ def plot_metrics(csv_path: str | Path, out_path: str | Path | None = None, title
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    csv_path = Path(csv_path)
+    csv_path = find_metrics_csv(csv_path)
     out = Path(out_path) if out_path is not None else csv_path.with_name("probes.png")
     series = read_metrics(csv_path)
     losses = {k: v for k, v in series.items() if "loss" in k}
