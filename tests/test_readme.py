@@ -89,7 +89,9 @@ def test_readme_demo_runs_verbatim(tmp_path):
     (probe_row,) = [line.split() for line in out.splitlines() if line.startswith("linear ")]
     (offline_row,) = [line.split() for line in out.splitlines() if line.startswith("offline ")]
     first, last, offline = float(probe_row[1]), float(probe_row[2]), float(offline_row[1])
-    assert 0.0 <= first <= 1.0 and 0.5 < last <= 1.0 and 0.5 < offline <= 1.0  # 10 classes: chance is 0.1
+    # 10 classes: chance is 0.1. The first epoch reads what its weights give (issue 22: it read 0.15 while they
+    # gave 0.65, an eval normalisation that lagged the encoder).
+    assert 0.6 <= first <= 1.0 and 0.5 < last <= 1.0 and 0.5 < offline <= 1.0
     (run_dir,) = re.findall(r"files in (\S+)/: metrics.csv, probes.png", out)
     run_dir = tmp_path / run_dir
     assert run_dir.parent == tmp_path / "runs"

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
+from sslprobe._containers import keep_probes_out_of_state_dict
 from sslprobe._run_length import run_length
 from sslprobe.optim.factories import OptimizerSpec, create_optimizer, create_scheduler, split_interval
 
@@ -99,6 +100,7 @@ class Module(pl.LightningModule):
         self._forward_fn = forward
         self.callbacks_modules = nn.ModuleDict()
         self.callbacks_metrics = nn.ModuleDict()
+        keep_probes_out_of_state_dict(self)  # a checkpoint of the model loads into it built without probes
         for key, value in modules.items():
             setattr(self, key, value)
         self._step_anchor: Tensor | None = None
