@@ -52,12 +52,31 @@ def check_name_free(name: str, module: nn.Module, owner: str) -> None:
     if name in taken:
         raise ValueError(
             f"{owner}: the name {name!r} is already used on this {type(module).__name__} "
-            f"(taken: {', '.join(repr(k) for k in taken)}). Give each probe its own name."
+            f"(taken: {', '.join(repr(k) for k in taken)}). Give each probe its own name. Probes made anew for each "
+            "fit/validate/test (in configure_callbacks()) take module=None: they bind to the Trainer's module at "
+            "setup and find their trained probe of that name there."
+        )
+
+
+def is_bound(name: str, module: nn.Module) -> bool:
+    """Whether ``module`` already holds the probe (or kNN) called ``name`` (bound by this or an earlier callback)."""
+    containers = [getattr(module, attr, None) for attr in ("callbacks_modules", "callbacks_metrics")]
+    return any(isinstance(c, nn.ModuleDict) and name in c for c in containers)
+
+
+def check_module(module: Any, owner: str) -> None:
+    """Raise unless ``module`` is a module to probe, or ``None`` (bound to the Trainer's module at setup)."""
+    if module is not None and not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{owner}: module must be the LightningModule to probe (or None, to bind to the Trainer's module at "
+            f"setup), got {type(module).__name__}."
         )
 
 
 def check_name(name: Any, cls: str) -> str:
     """Check a callback name: a non-empty string without '.', usable as a ModuleDict key and a log name."""
+    if name is None:
+        raise TypeError(f"{cls}: name is required: a unique id used in log names and checkpoints, e.g. name='linear'.")
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"{cls}: name must be a non-empty string without '.', got {name!r}. Use e.g. name='linear'.")
     return name
@@ -108,9 +127,9 @@ class TrainableCallback(Callback):
 
     def __init__(
         self,
-        module: pl.LightningModule,
-        name: str,
-        trainable: ModuleSpec,
+        module: pl.LightningModule | None = None,
+        name: str | None = None,
+        trainable: ModuleSpec | None = None,
         optimizer: OptimizerSpec = None,
         scheduler: SchedulerSpec = None,
         accumulate_grad_batches: int = 1,
@@ -120,8 +139,9 @@ class TrainableCallback(Callback):
         cls = type(self).__name__
         name = check_name(name, cls)
         owner = f"{cls}(name={name!r})"
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"{owner}: module must be the LightningModule to probe, got {type(module).__name__}.")
+        check_module(module, owner)
+        if trainable is None:
+            raise TypeError(f"{owner}: the module to train is required (an nn.Module, a factory or a config).")
         if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int):
             raise TypeError(
                 f"{owner}: accumulate_grad_batches must be a positive int, got {accumulate_grad_batches!r}. "
@@ -148,15 +168,8 @@ class TrainableCallback(Callback):
                 f"got {gradient_clip_algorithm!r}."
             )
         self._check_optimizer_forms(optimizer, scheduler, owner)
-        callbacks_modules, _ = ensure_containers(module, owner)
-        check_name_free(name, module, owner)
         self._rng = PrivateRNG()
-        built = build_module(trainable, self._rng, owner)
-        if isinstance(optimizer, Optimizer):
-            # Catch an instance over other parameters now rather than at the first batch.
-            create_optimizer(optimizer, built.parameters(), owner=owner)
-        callbacks_modules[name] = built
-
+        self._trainable_spec = trainable
         self.name = name
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -168,6 +181,23 @@ class TrainableCallback(Callback):
         self._parked_state: dict[str, Any] | None = None
         self._rng_needed: tuple[tuple[int, bool], bool, bool] | None = None
         self._skip_warned = False
+        self._binds_at_setup = module is None
+        if module is not None:
+            self._bind(module)
+
+    def _bind(self, module: nn.Module) -> None:
+        """Register the trainable module (and what a subclass keeps) in ``module``."""
+        callbacks_modules, _ = ensure_containers(module, self._owner)
+        check_name_free(self.name, module, self._owner)
+        built = build_module(self._trainable_spec, self._rng, self._owner)
+        if isinstance(self.optimizer, Optimizer):
+            # Catch an instance over other parameters now rather than at the first batch.
+            create_optimizer(self.optimizer, built.parameters(), owner=self._owner)
+        callbacks_modules[self.name] = built
+        self._register(module)
+
+    def _register(self, module: nn.Module) -> None:
+        """What a subclass keeps in ``module`` beside the trainable module (``OnlineProbe``: its metrics)."""
 
     @staticmethod
     def _check_optimizer_forms(optimizer: Any, scheduler: Any, owner: str) -> None:
@@ -231,14 +261,17 @@ class TrainableCallback(Callback):
         except (AttributeError, KeyError):
             raise RuntimeError(
                 f"{self._owner}: {type(pl_module).__name__} holds no callbacks_modules[{self.name!r}]. Create the "
-                f"callback with the module you give the Trainer: {type(self).__name__}(module=model, ...)."
+                f"callback with the module you give the Trainer: {type(self).__name__}(module=model, ...), or with "
+                "module=None to bind it to the Trainer's module at setup."
             ) from None
 
     # ------------------------------------------------------------------ Lightning hooks
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Check the strategy and the module; keep the probe out of DDP's gradient reduction."""
+        """Bind to the Trainer's module if not yet; check the strategy; keep the probe out of DDP's reduction."""
+        if self._binds_at_setup and not is_bound(self.name, pl_module):
+            self._bind(pl_module)
         module = self.trainable_module(pl_module)
         kind = self._check_strategy(trainer, pl_module, module)
         if stage == "fit" and kind == "ddp" and world_size_of(trainer) > 1:

@@ -27,7 +27,14 @@ from sslprobe._metrics import (
     normalize_metrics,
     reset_metric,
 )
-from sslprobe.callbacks.base import cached_state_key, check_name, check_name_free, ensure_containers
+from sslprobe.callbacks.base import (
+    cached_state_key,
+    check_module,
+    check_name,
+    check_name_free,
+    ensure_containers,
+    is_bound,
+)
 from sslprobe.probes.knn import ALLOWED_DISTANCES, Distance, knn_predict
 
 __all__ = ["OnlineKNN"]
@@ -105,10 +112,10 @@ class OnlineKNN(Callback):
 
     def __init__(
         self,
-        module: pl.LightningModule,
-        name: str,
-        input: Locator,
-        target: Locator,
+        module: pl.LightningModule | None = None,
+        name: str | None = None,
+        input: Locator | None = None,
+        target: Locator | None = None,
         k: int = 20,
         temperature: float = 0.07,
         queue_size: int = 65536,
@@ -118,6 +125,7 @@ class OnlineKNN(Callback):
     ) -> None:
         name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
+        check_module(module, owner)
         input = check_locator(input, "input", owner)
         target = check_locator(target, "target", owner)
         for arg, value, example in (("k", k, 20), ("queue_size", queue_size, 65536)):
@@ -149,17 +157,13 @@ class OnlineKNN(Callback):
                 f"{owner}: num_classes must be a positive int or None, got {num_classes!r}. Pass the number of "
                 "classes, or None to infer it."
             )
-        splits = normalize_metrics(metrics, owner)
-        _, callbacks_metrics = ensure_containers(module, owner)
-        check_name_free(name, module, owner)
-        callbacks_metrics[name] = nn.ModuleDict(
-            {STAGE_KEY[s]: nn.ModuleDict({"top1": Top1Accuracy(), **splits[s]}) for s in ("val", "test")}
-        )
+        normalize_metrics(metrics, owner)  # a bad form fails now, even when the module is bound at setup
         self.name, self.input, self.target = name, input, target
         self.k, self.temperature, self.queue_size, self.num_classes = k, float(temperature), queue_size, num_classes
         self.metrics = metrics
         self.distance = distance
         self._owner = owner
+        self._binds_at_setup = module is None
         self._features = None
         self._labels = None
         # Ring-buffer counters, kept on the bank's device so that pushing a batch never reads a value on the host.
@@ -172,6 +176,8 @@ class OnlineKNN(Callback):
         self._eval_bank = None
         self._eval_nonfinite: Tensor | None = None  # (), this evaluation's samples with non-finite features
         self._warned: set[str] = set()  # the once-per-run warnings given in this fit / validate / test
+        if module is not None:
+            self._bind(module)
 
     @property
     @override
@@ -192,8 +198,19 @@ class OnlineKNN(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Start a new run: each warning below is given once per ``fit`` / ``validate`` / ``test``."""
+        """Bind to the Trainer's module if not yet; start a new run (each warning is given once per run)."""
+        if self._binds_at_setup and not is_bound(self.name, pl_module):
+            self._bind(pl_module)
         self._warned = set()
+
+    def _bind(self, module: nn.Module) -> None:
+        """Register this kNN's metrics in ``module.callbacks_metrics[name]``."""
+        _, callbacks_metrics = ensure_containers(module, self._owner)
+        check_name_free(self.name, module, self._owner)
+        splits = normalize_metrics(self.metrics, self._owner)
+        callbacks_metrics[self.name] = nn.ModuleDict(
+            {STAGE_KEY[s]: nn.ModuleDict({"top1": Top1Accuracy(), **splits[s]}) for s in ("val", "test")}
+        )
 
     # ------------------------------------------------------------------ filling the bank
 

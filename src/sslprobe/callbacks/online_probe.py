@@ -32,7 +32,7 @@ from sslprobe._metrics import (
 )
 from sslprobe._rng import needs_private_rng
 from sslprobe.callbacks._step_graph import Rollback, StepGraph, host_settings, module_tensors
-from sslprobe.callbacks.base import TrainableCallback, ensure_containers, restore_where_skipped
+from sslprobe.callbacks.base import TrainableCallback, check_name, ensure_containers, restore_where_skipped
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
 from sslprobe.optim.stepper import Stepper
 from sslprobe.probes.feature_norm import FeatureNorm
@@ -151,11 +151,11 @@ class OnlineProbe(TrainableCallback):
 
     def __init__(
         self,
-        module: pl.LightningModule,
-        name: str,
-        input: Locator,
-        target: Locator,
-        probe: ModuleSpec,
+        module: pl.LightningModule | None = None,
+        name: str | None = None,
+        input: Locator | None = None,
+        target: Locator | None = None,
+        probe: ModuleSpec | None = None,
         loss_fn: Any = None,
         optimizer: OptimizerSpec = None,
         scheduler: SchedulerSpec = None,
@@ -165,6 +165,7 @@ class OnlineProbe(TrainableCallback):
         metrics: MetricsSpec = None,
         cuda_graph: bool | None = None,
     ) -> None:
+        name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
         if not (cuda_graph is None or isinstance(cuda_graph, bool)):
             raise TypeError(f"{owner}: cuda_graph must be None (when possible), True or False, got {cuda_graph!r}.")
@@ -174,8 +175,13 @@ class OnlineProbe(TrainableCallback):
             raise TypeError(
                 f"{owner}: loss_fn must be callable (preds, target) -> Tensor, got {type(loss_fn).__name__}."
             )
+        if probe is None:
+            raise TypeError(f"{owner}: probe is required, e.g. probe=LinearProbe(num_classes=10).")
         loss = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
-        metric_modules = self._metric_modules(metrics, loss, owner)
+        self.metrics = metrics
+        self._loss = loss
+        # Built now, so that a bad form fails at construction even when the module is bound at setup.
+        self._unregistered_metrics: nn.ModuleDict | None = self._metric_modules(metrics, loss, owner)
         super().__init__(
             module,
             name,
@@ -186,13 +192,9 @@ class OnlineProbe(TrainableCallback):
             gradient_clip_val=gradient_clip_val,
             gradient_clip_algorithm=gradient_clip_algorithm,
         )
-        _, callbacks_metrics = ensure_containers(module, owner)
-        callbacks_metrics[self.name] = metric_modules
         self.input = input
         self.target = target
         self.loss_fn = loss_fn
-        self.metrics = metrics
-        self._loss = loss
         self._loss_device: torch.device | None = None
         self._checked: set[str] = set()
         self.cuda_graph = cuda_graph
@@ -208,6 +210,15 @@ class OnlineProbe(TrainableCallback):
         self._unlabelled: Tensor | None = None  # batches whose every target was ignore_index (a device count)
         self._batch_stat_layers: tuple[int, bool] | None = None  # (id of the probe, whether it has any)
         self._eval_warned: set[str] = set()
+
+    @override
+    def _register(self, module: nn.Module) -> None:
+        metrics = self._unregistered_metrics
+        self._unregistered_metrics = None
+        if metrics is None:  # a second module: metrics of its own
+            metrics = self._metric_modules(self.metrics, self._loss, self._owner)
+        _, callbacks_metrics = ensure_containers(module, self._owner)
+        callbacks_metrics[self.name] = metrics
 
     def _metric_modules(self, metrics: MetricsSpec, loss: Any, owner: str) -> nn.ModuleDict:
         """``callbacks_metrics[name]``: one ModuleDict of metrics per stage (top-1 by default with cross-entropy)."""

@@ -24,6 +24,7 @@ from sslprobe._metrics import (
     normalize_metrics,
     reset_metric,
 )
+from sslprobe.callbacks.base import check_name
 from sslprobe.callbacks.online_probe import OnlineProbe
 from sslprobe.optim.sweep_optimizer import SweepOptimizer
 from sslprobe.probes.linear_bank import LinearHeadBank
@@ -145,17 +146,18 @@ class ProbeSweep(OnlineProbe):
 
     def __init__(
         self,
-        module: pl.LightningModule,
-        name: str,
-        input: Locator,
-        target: Locator,
-        num_classes: int,
+        module: pl.LightningModule | None = None,
+        name: str | None = None,
+        input: Locator | None = None,
+        target: Locator | None = None,
+        num_classes: int | None = None,
         lrs: Sequence[float] | None = None,
         weight_decays: Sequence[float] | None = None,
         optimizer: str | Mapping[str, Any] | None = None,
         metrics: MetricsSpec = None,
         cuda_graph: bool | None = None,
     ) -> None:
+        name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
         kind, shared = self._parse_optimizer(optimizer, owner)
         lrs = list(_DEFAULT_LRS[kind] if lrs is None else lrs)
