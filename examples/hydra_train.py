@@ -13,7 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from lightning_cli import DigitsData, Encoder  # noqa: E402
+from lightning_cli import DigitsData, Encoder
 
 
 def run(cfg: Any) -> pl.Trainer:
@@ -30,6 +30,7 @@ def run(cfg: Any) -> pl.Trainer:
 
 
 def main() -> None:
+    """Run with Hydra's command line (config and overrides)."""
     import hydra
 
     hydra.main(config_path="hydra", config_name="config", version_base=None)(run)()

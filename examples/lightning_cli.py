@@ -1,4 +1,6 @@
-"""Probes declared in a LightningCLI config: ``python examples/lightning_cli.py fit --config examples/lightning_cli.yaml``.
+"""Probes declared in a LightningCLI config.
+
+Run: ``python examples/lightning_cli.py fit --config examples/lightning_cli.yaml``.
 
 The model is a tiny encoder on scikit-learn's digits (no download). The probes are listed under
 ``trainer.callbacks`` with ``module`` left out: each binds to the Trainer's module when the run is set up, and the
