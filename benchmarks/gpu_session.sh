@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # All the GPU work of one device session (run from the repository root on the GPU machine).
-# Usage: bash benchmarks/gpu_session.sh PART    (PART: tests | bench1 | bench2 | one-gpu | two-gpus | graphs)
+# Usage: bash benchmarks/gpu_session.sh PART    (PART: tests | bench1 | bench2 | one-gpu | two-gpus | graphs | trust)
 # Writes logs and JSON under $OUT (or ./gpu-out). NCCL's NVLink multicast stays off (the machine sets it).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -49,5 +49,14 @@ graphs)
     CUDA_VISIBLE_DEVICES=0 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -25
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --configs none,floor-1,floor-8,module-1,module-8,eager-1,eager-8,probe-8,sweep-16 --json "$OUT/r18.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r18.txt"
     CUDA_VISIBLE_DEVICES=0 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs none,floor-1,floor-8,module-0,module-1,module-8,eager-8,probe-1,probe-8,sweep-16 --json "$OUT/r50.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50.txt"
+    ;;
+trust)
+    # Fourth session (exact evaluation statistics in FeatureNorm, per-loader metrics, ignore_index counts): the CUDA
+    # tests, then what the probes cost now on ResNet-18 (host-bound) and ResNet-50, beside the hand-written floor.
+    FILTER="^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip\|USDT"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpus.txt"
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -25
+    CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --configs none,floor-1,floor-8,module-1,module-8,probe-8,sweep-16 --json "$OUT/r18.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r18.txt"
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs none,floor-1,floor-8,module-1,module-8,probe-1,probe-8,sweep-16 --json "$OUT/r50.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50.txt"
     ;;
 esac
