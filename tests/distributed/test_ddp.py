@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from sslprobe.probes.knn import knn_predict
+from sslprobe.probes.linear_bank import LinearHeadBank
 from tests.conftest import make_trainer, make_xy
 from tests.distributed.common import NUM_CLASSES, build_module, linear_probe, loader
 
@@ -66,6 +67,21 @@ def test_eval_metrics_cover_the_whole_validation_set(trained):
     # the kNN bank held both processes' features: the whole training set
     assert trained["knn_bank_size"] == 24
     assert trained["metrics"]["eval/knn_top1"] == pytest.approx((knn.argmax(1) == y_va).float().mean().item())
+
+
+def test_eval_normalisation_statistics_cover_every_rank(trained):
+    # The sweep's bank normalises each validation batch with the statistics of every row seen so far in the
+    # evaluation, on all ranks: as one process whose batches are the two ranks' batches together (8 rows).
+    bank = LinearHeadBank(2, NUM_CLASSES, in_features=16)
+    bank.load_state_dict({k.split(".", 1)[1]: v for k, v in trained["weights"].items() if k.startswith("sweep.")})
+    bank.eval()
+    model = build_module(trainable=True)
+    x_va, y_va = make_xy(24, seed=1)
+    with torch.no_grad():
+        logits = torch.cat([bank(model.backbone(x_va[i : i + 8])) for i in range(0, 24, 8)], dim=1)  # (H, 24, C)
+    accuracy = (logits.argmax(-1) == y_va).float().mean(1)
+    assert trained["metrics"]["eval/sweep_top1"] == pytest.approx(accuracy.max().item())
+    assert trained["metrics"]["eval/sweep_lr0.01_wd0_top1"] == pytest.approx(accuracy[0].item())
 
 
 def test_accumulation_and_clipping_match_one_process_with_the_same_total_batch(trained):

@@ -39,7 +39,6 @@ _DEFAULT_LRS = {
     "LARS": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0),
 }
 _DEFAULT_WEIGHT_DECAYS = (0.0, 5e-4)
-_BANK_LAYOUT = 2  # the bank's weight as (H, C, D) (see LinearHeadBank._version)
 
 
 class HeadsTop1(InPlaceReset):
@@ -348,23 +347,10 @@ class ProbeSweep(OnlineProbe):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["best_head"] = self._best
-        state["bank_layout"] = _BANK_LAYOUT
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state = dict(state_dict)
         self._best = int(state.pop("best_head", 0))
-        if state.pop("bank_layout", 1) < _BANK_LAYOUT and state.get("optimizer") is not None:
-            state["optimizer"] = _moments_to_current_layout(state["optimizer"])
         super().load_state_dict(state)
-
-
-def _moments_to_current_layout(optimizer_state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint of the first releases kept the bank's weight, and so its moments, as (H, D, C): now (H, C, D)."""
-    converted = dict(optimizer_state)
-    converted["state"] = {
-        index: {k: v.transpose(1, 2).contiguous() if isinstance(v, Tensor) and v.ndim == 3 else v for k, v in s.items()}
-        for index, s in optimizer_state.get("state", {}).items()
-    }
-    return converted

@@ -36,8 +36,6 @@ class LinearHeadBank(nn.modules.lazy.LazyModuleMixin, nn.Module):
 
     cls_to_become = None
     flattens_input = True  # features (B, ...) are flattened to (B, D): OnlineProbe checks sizes that way
-    # Version 2 stores the weight as (H, C, D); version 1 (the first releases) stored it as (H, D, C).
-    _version = 2
 
     def __init__(self, num_heads: int, num_classes: int, in_features: int | None = None, norm: bool = True) -> None:
         super().__init__()
@@ -65,12 +63,6 @@ class LinearHeadBank(nn.modules.lazy.LazyModuleMixin, nn.Module):
             with torch.no_grad():
                 self.weight.materialize((self.num_heads, self.num_classes, size))
                 self.weight.zero_()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        key = prefix + "weight"
-        if local_metadata.get("version", 1) < 2 and state_dict.get(key) is not None and state_dict[key].ndim == 3:
-            state_dict[key] = state_dict[key].transpose(1, 2).contiguous()  # (H, D, C) -> (H, C, D)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors)
 
     def forward(self, features: Tensor) -> Tensor:
         """Logits ``(H, B, C)`` of features ``(B, D)``."""
