@@ -54,20 +54,6 @@ _POOL_HINT = (
 )
 
 
-# The last conversion of features to a probe's dtype/device, shared by the probes that read the same tensor in the
-# same step (one cast instead of one per probe). The source is held, so its identity cannot be recycled.
-_last_conversion: list[Any] = [None, None, None, None]
-
-
-def _converted(x: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
-    source, cached_dtype, cached_device, result = _last_conversion
-    if source is x and cached_dtype == dtype and cached_device == device:
-        return result
-    result = x.detach().to(device=device, dtype=dtype)
-    _last_conversion[:] = [x, dtype, device, result]
-    return result
-
-
 def _known_module(module: nn.Module) -> bool:
     """A layer of torch.nn or of sslprobe: its forward reads no Python value that changes between steps."""
     return type(module).__module__.startswith(("torch.nn.", "sslprobe."))
@@ -654,7 +640,7 @@ class OnlineProbe(TrainableCallback):
         if reference is not None and (
             (x.is_floating_point() and x.dtype != reference.dtype) or x.device != reference.device
         ):
-            x = _converted(features, reference.dtype if x.is_floating_point() else x.dtype, reference.device)
+            x = x.to(device=reference.device, dtype=reference.dtype if x.is_floating_point() else x.dtype)
         if stage in self._checked:
             return probe(x)
         expected = getattr(probe, "in_features", None)
