@@ -392,3 +392,34 @@ def test_state_dict_holds_plain_counters_and_round_trips(tmp_path):
     other = OnlineKNN(make_module(), "knn", "embedding", "label")
     other.load_state_dict(torch.load(tmp_path / "knn.pt", weights_only=True))
     assert other.state_dict() == state
+
+
+def test_a_16_bit_bank_holds_16_bit_features_at_half_the_memory_and_the_same_votes():
+    from sslprobe import Module
+    from tests.conftest import dict_loader, make_trainer
+
+    def bf16_forward(self, batch, stage):
+        return {"embedding": self.backbone(batch["x"]).to(torch.bfloat16)}  # as under bf16-mixed
+
+    results = {}
+    for dtype in (None, torch.float32):
+        torch.manual_seed(0)
+        model = Module(forward=bf16_forward, backbone=torch.nn.Linear(8, 16))
+        knn = OnlineKNN(model, "knn", "embedding", "label", k=5, bank_dtype=dtype)
+        trainer = make_trainer(max_epochs=1, callbacks=[knn])
+        trainer.fit(model, dict_loader(), dict_loader())
+        results[dtype] = (
+            knn._features.dtype,
+            knn._features.element_size(),
+            float(trainer.callback_metrics["eval/knn_top1"]),
+        )
+    assert results[None][:2] == (torch.bfloat16, 2) and results[torch.float32][:2] == (torch.float32, 4)
+    assert results[None][2] == results[torch.float32][2]  # bf16 values stored in bf16 lose nothing
+
+
+def test_bank_dtype_must_be_a_floating_dtype():
+    from sslprobe import Module
+
+    model = Module(forward=lambda self, b, stage: {"h": self.net(b[0])}, net=torch.nn.Linear(4, 8))
+    with pytest.raises(TypeError, match=r"bank_dtype must be a floating torch.dtype.*bank_dtype=torch.float32"):
+        OnlineKNN(model, "knn", "h", 1, bank_dtype="bf16")

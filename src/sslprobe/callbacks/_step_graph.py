@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from sslprobe.optim.conditional_step import forget_plan
 
-__all__ = ["Rollback", "StepGraph", "host_settings", "module_tensors"]
+__all__ = ["Rollback", "StepGraph", "host_settings", "module_tensors", "shared_pool"]
 
 _SCALARS = (bool, int, float, str, tuple, type(None))
 
@@ -124,6 +124,25 @@ def _public_values(module: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, _SCALARS)}
 
 
+def shared_pool(device: torch.device) -> Any:
+    """The one memory pool that every probe's captured step on ``device`` allocates from.
+
+    A graph's own pool keeps the memory of its intermediate tensors for good: about 66 MiB per probe on ResNet-50
+    features, eight times the eager step's. The probes' steps replay one after the other on one stream, and each
+    probe copies what it keeps of its outputs before the next replays, so their intermediates can share memory.
+    """
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    pool = _POOLS.get(index)
+    if pool is None:
+        pool = _POOLS[index] = torch.cuda.graph_pool_handle()
+    return pool
+
+
+# One pool handle per GPU (a pair of ints: it holds no memory itself, the graphs that use it do).
+_POOLS: dict[int, Any] = {}
+
+
 class StepGraph:
     """Replays ``body(x, y)`` from a CUDA graph, on inputs copied into the buffers the capture read.
 
@@ -216,7 +235,7 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         # "thread_local": other threads (a DataLoader's pinning thread) may keep calling CUDA during the capture.
         with torch.cuda.stream(self._stream):
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=shared_pool(device), capture_error_mode="thread_local")
             try:
                 outputs = body(static_x, static_y)
             except BaseException:

@@ -39,6 +39,8 @@ from sslprobe.probes.knn import ALLOWED_DISTANCES, Distance, knn_predict
 
 __all__ = ["OnlineKNN"]
 
+_HALF = (torch.bfloat16, torch.float16)  # features kept in their own dtype by default
+
 warning_cache = WarningCache()
 
 _ALLOWED_DISTANCES = ALLOWED_DISTANCES
@@ -90,6 +92,9 @@ class OnlineKNN(Callback):
             infers it from the labels seen (the bank's at each evaluation, and each eval batch's).
         metrics: extra torchmetrics metrics on the vote scores.
         distance: ``"cosine"`` or ``"euclidean"``, as above.
+        bank_dtype: the bank's dtype. ``None``: the features' own when they are 16-bit (bfloat16/float16 under
+            mixed precision: half the memory, ``queue_size x D x 2`` bytes), else float32 (``queue_size x D x 4``;
+            65,536 x 2,048 is 512 MiB). Similarities are computed in float32 either way.
 
     Raises:
         TypeError: for a ``k``, ``queue_size`` or ``temperature`` that is not a number.
@@ -122,6 +127,7 @@ class OnlineKNN(Callback):
         num_classes: int | None = None,
         metrics: MetricsSpec = None,
         distance: Distance = "cosine",
+        bank_dtype: torch.dtype | None = None,
     ) -> None:
         name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
@@ -150,6 +156,11 @@ class OnlineKNN(Callback):
                 f"{owner}: distance must be one of {', '.join(map(repr, _ALLOWED_DISTANCES))}, got {distance!r}. "
                 "Pass distance='euclidean' for the L2 distance on the raw features, or 'cosine'."
             )
+        if bank_dtype is not None and (not isinstance(bank_dtype, torch.dtype) or not bank_dtype.is_floating_point):
+            raise TypeError(
+                f"{owner}: bank_dtype must be a floating torch.dtype or None, got {bank_dtype!r}. Pass e.g. "
+                "bank_dtype=torch.float32 to keep the bank in full precision under mixed precision."
+            )
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
         ):
@@ -162,6 +173,7 @@ class OnlineKNN(Callback):
         self.k, self.temperature, self.queue_size, self.num_classes = k, float(temperature), queue_size, num_classes
         self.metrics = metrics
         self.distance = distance
+        self.bank_dtype = bank_dtype
         self._owner = owner
         self._binds_at_setup = module is None
         self._features = None
@@ -243,12 +255,14 @@ class OnlineKNN(Callback):
         if n == 0:
             return
         capacity = max(self.queue_size // world_size(), 1)
+        dtype = self.bank_dtype or (features.dtype if features.dtype in _HALF else torch.float32)
         if (
             self._features is None
             or self._features.shape[1] != features.shape[1]
             or self._features.device != features.device
+            or self._features.dtype != dtype
         ):
-            self._allocate(capacity, features.shape[1], features.device)
+            self._allocate(capacity, features.shape[1], features.device, dtype)
         assert self._features is not None and self._labels is not None
         finite = torch.isfinite(features).all(dim=1)  # (n,)
         usable = finite & (labels >= 0)  # (n,)
@@ -264,7 +278,7 @@ class OnlineKNN(Callback):
         slots = torch.arange(n, device=features.device)  # (n,)
         dest = (self._ptr + slots) % capacity  # (n,)
         write = slots < count  # (n,)
-        new_features = torch.where(write[:, None], features[order].to(torch.float32), self._features[dest])
+        new_features = torch.where(write[:, None], features[order].to(dtype), self._features[dest])
         new_labels = torch.where(write, labels[order], self._labels[dest])
         self._features.index_copy_(0, dest, new_features)
         self._labels.index_copy_(0, dest, new_labels)
@@ -272,9 +286,9 @@ class OnlineKNN(Callback):
         self._filled = (self._filled + count).clamp_max(capacity)
         self._seen_this_epoch = self._seen_this_epoch + count
 
-    def _allocate(self, capacity: int, dim: int, device: torch.device) -> None:
+    def _allocate(self, capacity: int, dim: int, device: torch.device, dtype: torch.dtype) -> None:
         # Plain zeros, not `features.new_zeros`: the bank must stay writable whatever mode the features were made in.
-        self._features = torch.zeros((capacity, dim), dtype=torch.float32, device=device)
+        self._features = torch.zeros((capacity, dim), dtype=dtype, device=device)
         self._labels = torch.zeros((capacity,), dtype=torch.long, device=device)
         self._ptr = torch.zeros((), dtype=torch.long, device=device)
         self._filled = torch.zeros((), dtype=torch.long, device=device)
