@@ -59,4 +59,14 @@ trust)
     CUDA_VISIBLE_DEVICES=0 timeout 170 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --configs none,floor-1,floor-8,module-1,module-8,probe-8,sweep-16 --json "$OUT/r18.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r18.txt"
     CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs none,floor-1,floor-8,module-1,module-8,probe-1,probe-8,sweep-16 --json "$OUT/r50.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50.txt"
     ;;
+memory)
+    # Issue 24: peak memory per configuration (each in its own process), then the step time with the shared pool.
+    # A copy of the previous code under bench_old/src (if present) is measured too, in the same session.
+    FILTER="^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip\|USDT"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -3
+    CUDA_VISIBLE_DEVICES=0 timeout 260 python3 benchmarks/memory.py --configs none,floor-8,eager-8,module-8,sweep-16,knn --json "$OUT/memory.json" 2>&1 | tee "$OUT/memory.txt"
+    if [ -d bench_old/src ]; then
+        CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$PWD/bench_old/src:$PWD timeout 160 python3 benchmarks/memory.py --configs none,module-8,knn --json "$OUT/memory_old.json" 2>&1 | tee "$OUT/memory_old.txt"
+    fi
+    ;;
 esac
