@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from sslprobe.optim.conditional_step import forget_plan
 
-__all__ = ["Rollback", "StepGraph", "host_settings", "module_tensors", "shared_pool"]
+__all__ = ["Rollback", "StepGraph", "host_settings", "module_tensors"]
 
 _SCALARS = (bool, int, float, str, tuple, type(None))
 
@@ -124,23 +124,44 @@ def _public_values(module: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, _SCALARS)}
 
 
-def shared_pool(device: torch.device) -> Any:
-    """The one memory pool that every probe's captured step on ``device`` allocates from.
+class _Shared:
+    """What every probe's captured step on one GPU shares: the capture stream and the graphs' memory pool.
 
-    A graph's own pool keeps the memory of its intermediate tensors for good: about 66 MiB per probe on ResNet-50
-    features, eight times the eager step's. The probes' steps replay one after the other on one stream, and each
-    probe copies what it keeps of its outputs before the next replays, so their intermediates can share memory.
+    A stream of its own per probe gives each capture its own cuBLAS workspace, and a pool of its own keeps each
+    graph's intermediate tensors for good: together about 66 MiB per probe on ResNet-50 features, seven times the
+    eager step. The probes' steps replay one after the other on one stream, and each probe copies what it keeps of
+    its outputs before the next replays, so they can share both. The pool is forgotten when no graph uses it any
+    more (CUDA frees it then, and a stale handle cannot be captured into).
     """
+
+    def __init__(self) -> None:
+        self.streams: dict[int, Any] = {}
+        self.pools: dict[int, Any] = {}
+        self.graphs: dict[int, int] = {}  # live graphs per GPU
+
+    def stream(self, index: int) -> Any:
+        if index not in self.streams:
+            self.streams[index] = torch.cuda.Stream(index)
+        return self.streams[index]
+
+    def pool(self, index: int) -> Any:
+        if index not in self.pools:
+            self.pools[index] = torch.cuda.graph_pool_handle()
+        return self.pools[index]
+
+    def add(self, index: int, count: int) -> None:
+        self.graphs[index] = self.graphs.get(index, 0) + count
+        if self.graphs[index] <= 0:
+            self.graphs.pop(index)
+            self.pools.pop(index, None)
+
+
+_SHARED = _Shared()
+
+
+def _index(device: torch.device) -> int:
     index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    pool = _POOLS.get(index)
-    if pool is None:
-        pool = _POOLS[index] = torch.cuda.graph_pool_handle()
-    return pool
-
-
-# One pool handle per GPU (a pair of ints: it holds no memory itself, the graphs that use it do).
-_POOLS: dict[int, Any] = {}
+    return torch.cuda.current_device() if index is None else index
 
 
 class StepGraph:
@@ -172,7 +193,7 @@ class StepGraph:
         self._held: list[Tensor] = []
         self._key: tuple[int, ...] = ()
         self._settings: Any = None
-        self._stream: Any = None
+        self._device: int | None = None  # the GPU whose shared pool the graph is in
 
     @property
     def captured(self) -> bool:
@@ -226,24 +247,31 @@ class StepGraph:
         """
         self.drop()
         device = x.device
+        index = _index(device)
         static_x = x.detach().to(dtype=dtype, copy=True)
         static_y = y.detach().clone()
-        if self._stream is None or self._stream.device != device:
-            self._stream = torch.cuda.Stream(device)
+        stream = _SHARED.stream(index)
         current = torch.cuda.current_stream(device)
-        self._stream.wait_stream(current)
+        stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
-        # "thread_local": other threads (a DataLoader's pinning thread) may keep calling CUDA during the capture.
-        with torch.cuda.stream(self._stream):
-            graph.capture_begin(pool=shared_pool(device), capture_error_mode="thread_local")
-            try:
-                outputs = body(static_x, static_y)
-            except BaseException:
-                with contextlib.suppress(RuntimeError):  # the capture was invalidated by the error re-raised below
-                    graph.capture_end()
-                raise
-            graph.capture_end()
-        current.wait_stream(self._stream)
+        _SHARED.add(index, 1)  # counted from the start: a failed capture gives it back below
+        try:
+            # "thread_local": other threads (a DataLoader's pinning thread) may keep calling CUDA meanwhile.
+            with torch.cuda.stream(stream):
+                graph.capture_begin(pool=_SHARED.pool(index), capture_error_mode="thread_local")
+                try:
+                    outputs = body(static_x, static_y)
+                except BaseException:
+                    with contextlib.suppress(RuntimeError):  # the capture was invalidated by the error re-raised
+                        graph.capture_end()
+                    raise
+                graph.capture_end()
+        except BaseException:
+            del graph
+            _SHARED.add(index, -1)
+            raise
+        current.wait_stream(stream)
+        self._device = index
         self._graph, self._inputs, self._outputs = graph, (static_x, static_y), outputs
         self._held = list(held)
         self._key = tuple(map(Tensor.data_ptr, self._held))
@@ -252,5 +280,9 @@ class StepGraph:
 
     def drop(self) -> None:
         """Forget the graph and release what it kept alive."""
+        had = self._graph is not None
         self._graph = self._inputs = self._outputs = None
         self._held, self._key, self._settings = [], (), None
+        if had and self._device is not None:
+            _SHARED.add(self._device, -1)
+        self._device = None

@@ -1,0 +1,23 @@
+"""sslprobe: online probes that report how good a representation is while it trains."""
+
+from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep, TrainableCallback
+from sslprobe.module import Module
+from sslprobe.optim import LARS, create_optimizer, create_scheduler
+from sslprobe.probes import AttentiveProbe, LinearProbe, MLPProbe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LARS",
+    "AttentiveProbe",
+    "LinearProbe",
+    "MLPProbe",
+    "Module",
+    "OnlineKNN",
+    "OnlineProbe",
+    "ProbeSweep",
+    "TrainableCallback",
+    "__version__",
+    "create_optimizer",
+    "create_scheduler",
+]

@@ -1,0 +1,557 @@
+"""TrainableCallback: the base of callbacks that train their own module beside the main model."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import operator
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from typing_extensions import override
+
+from sslprobe._build import ModuleSpec, build_module, has_uninitialized_params
+from sslprobe._containers import ensure_containers
+from sslprobe._distributed import all_reduce_mean_, all_reduce_sum, broadcast_, world_size
+from sslprobe._rng import PrivateRNG, needs_private_rng
+from sslprobe._run_length import run_length
+from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec, create_optimizer, create_scheduler, split_interval
+from sslprobe.optim.stepper import Stepper
+
+__all__ = ["TrainableCallback", "ensure_containers"]
+
+log = logging.getLogger(__name__)
+
+_ALLOWED_CLIP_ALGORITHMS = ("norm", "value")
+# State keys of sslprobe's callbacks in a checkpoint (their class names), and the mark of a checkpoint already read.
+_PROBE_CLASSES = ("OnlineProbe", "ProbeSweep", "OnlineKNN", "RefitProbe", "TrainableCallback")
+_SAID_KEY = "_sslprobe_read"
+# Strategies whose module holds full, unsharded parameters on every process.
+_REPLICATED_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy")
+
+
+def cached_state_key(callback: Callback) -> str:
+    """``callback``'s state key (class and name), built once: Lightning reads it for every hook of every step."""
+    key = callback.__dict__.get("_state_key")
+    if key is None:
+        key = callback.__dict__["_state_key"] = callback._generate_state_key(name=callback.name)
+    return key
+
+
+def check_name_free(name: str, module: nn.Module, owner: str) -> None:
+    """Raise if ``name`` is taken on ``module`` by any probe (a trained one or a kNN)."""
+    taken = list(dict.fromkeys([*module.callbacks_modules, *module.callbacks_metrics]))
+    if name in taken:
+        raise ValueError(
+            f"{owner}: the name {name!r} is already used on this {type(module).__name__} "
+            f"(taken: {', '.join(repr(k) for k in taken)}). Give each probe its own name. Probes made anew for each "
+            "fit/validate/test (in configure_callbacks()) take module=None: they bind to the Trainer's module at "
+            "setup and find their trained probe of that name there."
+        )
+
+
+def is_bound(name: str, module: nn.Module) -> bool:
+    """Whether ``module`` already holds the probe (or kNN) called ``name`` (bound by this or an earlier callback)."""
+    containers = [getattr(module, attr, None) for attr in ("callbacks_modules", "callbacks_metrics")]
+    return any(isinstance(c, nn.ModuleDict) and name in c for c in containers)
+
+
+def check_module(module: Any, owner: str) -> None:
+    """Raise unless ``module`` is a module to probe, or ``None`` (bound to the Trainer's module at setup)."""
+    if module is not None and not isinstance(module, nn.Module):
+        raise TypeError(
+            f"{owner}: module must be the LightningModule to probe (or None, to bind to the Trainer's module at "
+            f"setup), got {type(module).__name__}."
+        )
+
+
+def check_name(name: Any, cls: str) -> str:
+    """Check a callback name: a non-empty string without '.', usable as a ModuleDict key and a log name."""
+    if name is None:
+        raise TypeError(f"{cls}: name is required: a unique id used in log names and checkpoints, e.g. name='linear'.")
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"{cls}: name must be a non-empty string without '.', got {name!r}. Use e.g. name='linear'.")
+    return name
+
+
+class TrainableCallback(Callback):
+    """Base of callbacks that train their own module on the side, with their own optimizer and schedule.
+
+    The module lives in ``module.callbacks_modules[name]`` (registered at construction, so it is part of the
+    LightningModule's ``state_dict``, moves with it and loads strictly into a fresh module). After every training
+    batch the callback asks :meth:`compute_loss` for a loss, and a :class:`~sslprobe.optim.stepper.Stepper` turns
+    it into an update: gradients by ``torch.autograd.grad`` (the main optimizer never sees them, even when it was
+    built over ``self.parameters()``), accumulation over ``accumulate_grad_batches`` batches, clipping, and a step
+    that a non-finite batch cannot corrupt, all without a host sync. Under DDP the module is kept out of the main
+    model's gradient reduction and its own gradients are averaged in one collective per step.
+
+    A subclass supplies the module (``trainable``) and :meth:`compute_loss`; it logs ``train/{name}_loss``.
+
+    Args:
+        module: the LightningModule whose training the callback rides on.
+        name: unique id on that module; used for storage, checkpoints and log names.
+        trainable: an ``nn.Module``, a callable returning one, or a Hydra-style config with ``_target_``. Modules
+            built here (and lazy modules materialised at the first batch) draw from a private RNG stream.
+        optimizer: see :func:`~sslprobe.optim.create_optimizer` (``None``: LARS with the probe default).
+        scheduler: see :func:`~sslprobe.optim.create_scheduler`; a dict may add ``"interval"`` (``"step"`` or
+            ``"epoch"``).
+        accumulate_grad_batches: step once every N training batches, on the mean gradient of those N.
+        gradient_clip_val: clip the module's gradients to this value before its step, or ``None``.
+        gradient_clip_algorithm: ``"norm"`` (total L2 norm) or ``"value"`` (element-wise).
+
+    Raises:
+        ValueError: for a bad value or a name already used on ``module``.
+        TypeError: for an argument of the wrong type.
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from sslprobe import Module
+        >>> class RegressionProbe(TrainableCallback):
+        ...     def compute_loss(self, trainer, pl_module, outputs, batch, batch_idx):
+        ...         features, target = outputs["embedding"].detach(), batch[1]
+        ...         return F.mse_loss(self.trainable_module(pl_module)(features), target)
+        >>> model = Module(forward=lambda self, b, stage: {"embedding": self.net(b[0])}, net=torch.nn.Linear(4, 8))
+        >>> probe = RegressionProbe(model, "regression", torch.nn.Linear(8, 1), optimizer="SGD")
+        >>> model.callbacks_modules["regression"]
+        Linear(in_features=8, out_features=1, bias=True)
+    """
+
+    def __init__(
+        self,
+        module: pl.LightningModule | None = None,
+        name: str | None = None,
+        trainable: ModuleSpec | None = None,
+        optimizer: OptimizerSpec = None,
+        scheduler: SchedulerSpec = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+    ) -> None:
+        cls = type(self).__name__
+        name = check_name(name, cls)
+        owner = f"{cls}(name={name!r})"
+        check_module(module, owner)
+        if trainable is None:
+            raise TypeError(f"{owner}: the module to train is required (an nn.Module, a factory or a config).")
+        if isinstance(accumulate_grad_batches, bool) or not isinstance(accumulate_grad_batches, int):
+            raise TypeError(
+                f"{owner}: accumulate_grad_batches must be a positive int, got {accumulate_grad_batches!r}. "
+                "Use 1 to step every batch."
+            )
+        if accumulate_grad_batches < 1:
+            raise ValueError(
+                f"{owner}: accumulate_grad_batches must be a positive int, got {accumulate_grad_batches}. "
+                "Use 1 to step every batch."
+            )
+        if gradient_clip_val is not None and (
+            isinstance(gradient_clip_val, bool)
+            or not isinstance(gradient_clip_val, (int, float))
+            or not gradient_clip_val > 0
+            or not math.isfinite(gradient_clip_val)
+        ):
+            raise ValueError(
+                f"{owner}: gradient_clip_val must be a positive number or None, got {gradient_clip_val!r}. "
+                "Use None to disable clipping."
+            )
+        if gradient_clip_algorithm not in _ALLOWED_CLIP_ALGORITHMS:
+            raise ValueError(
+                f"{owner}: gradient_clip_algorithm must be one of {_ALLOWED_CLIP_ALGORITHMS}, "
+                f"got {gradient_clip_algorithm!r}."
+            )
+        self._check_optimizer_forms(optimizer, scheduler, owner)
+        self._rng = PrivateRNG()
+        self._trainable_spec = trainable
+        self.name = name
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self._owner = owner
+        self._stepper: Stepper | None = None
+        self._parked_state: dict[str, Any] | None = None
+        self._rng_needed: tuple[tuple[int, bool], bool, bool] | None = None
+        self._skip_warned = False
+        self._binds_at_setup = module is None
+        if module is not None:
+            self._bind(module)
+
+    def _bind(self, module: nn.Module) -> None:
+        """Register the trainable module (and what a subclass keeps) in ``module``."""
+        callbacks_modules, _ = ensure_containers(module, self._owner)
+        check_name_free(self.name, module, self._owner)
+        built = build_module(self._trainable_spec, self._rng, self._owner)
+        if isinstance(self.optimizer, Optimizer):
+            # Catch an instance over other parameters now rather than at the first batch.
+            create_optimizer(self.optimizer, built.parameters(), owner=self._owner)
+        callbacks_modules[self.name] = built
+        self._register(module)
+
+    def _register(self, module: nn.Module) -> None:
+        """What a subclass keeps in ``module`` beside the trainable module (``OnlineProbe``: its metrics)."""
+
+    @staticmethod
+    def _check_optimizer_forms(optimizer: Any, scheduler: Any, owner: str) -> None:
+        if not (optimizer is None or isinstance(optimizer, (str, Mapping, Optimizer, type)) or callable(optimizer)):
+            raise TypeError(
+                f"{owner}: optimizer must be None, a name, a dict with 'type', an Optimizer class, a callable taking "
+                f"the parameters, or an Optimizer instance, got {type(optimizer).__name__}."
+            )
+        if isinstance(optimizer, type) and not issubclass(optimizer, Optimizer):
+            raise TypeError(f"{owner}: optimizer class {optimizer.__name__} is not a torch.optim.Optimizer.")
+        if not (scheduler is None or isinstance(scheduler, (str, Mapping, LRScheduler, type)) or callable(scheduler)):
+            raise TypeError(
+                f"{owner}: scheduler must be None, a name, a dict with 'type', a scheduler class, a callable taking "
+                f"the optimizer, or a scheduler instance, got {type(scheduler).__name__}."
+            )
+        if isinstance(scheduler, Mapping):
+            split_interval(scheduler, owner=owner)
+        if isinstance(scheduler, LRScheduler) and scheduler.optimizer is not optimizer:
+            raise ValueError(
+                f"{owner}: a scheduler instance must be bound to this probe's optimizer: pass that optimizer "
+                "instance as optimizer= too, or give the scheduler as a name, dict or partial."
+            )
+
+    # ------------------------------------------------------------------ what a subclass supplies
+
+    def compute_loss(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> Tensor | None:
+        """The loss of the trainable module on this training batch, or ``None`` to skip the batch.
+
+        Runs after the main model's step, with gradients enabled and the module in train mode. Detach anything
+        taken from the main model: the loss must not reach its parameters.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss().")
+
+    def logged_loss(self, loss: Tensor) -> Tensor:
+        """The value logged as ``train/{name}_loss`` for the loss :meth:`compute_loss` returned (default: itself)."""
+        return loss
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return cached_state_key(self)
+
+    @property
+    def stepper(self) -> Stepper | None:
+        """The optimizer, scheduler and accumulation state, once built (at the first training batch)."""
+        return self._stepper
+
+    @property
+    def skipped_batches(self) -> int:
+        """Training batches skipped so far because their features or loss were not finite (reading syncs)."""
+        return 0 if self._stepper is None else int(self._stepper.skipped)
+
+    def trainable_module(self, pl_module: nn.Module) -> nn.Module:
+        """This callback's module inside ``pl_module``."""
+        try:
+            return pl_module.callbacks_modules[self.name]
+        except (AttributeError, KeyError):
+            raise RuntimeError(
+                f"{self._owner}: {type(pl_module).__name__} holds no callbacks_modules[{self.name!r}]. Create the "
+                f"callback with the module you give the Trainer: {type(self).__name__}(module=model, ...), or with "
+                "module=None to bind it to the Trainer's module at setup."
+            ) from None
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Bind to the Trainer's module if not yet; check the strategy; keep the probe out of DDP's reduction."""
+        if self._binds_at_setup and not is_bound(self.name, pl_module):
+            self._bind(pl_module)
+        module = self.trainable_module(pl_module)
+        kind = self._check_strategy(trainer, pl_module, module)
+        if stage == "fit" and kind == "ddp" and world_size_of(trainer) > 1:
+            self._exclude_from_ddp(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start every process from rank 0's module (DDP no longer broadcasts it)."""
+        module = self.trainable_module(pl_module)
+        if _strategy_names(trainer) & {"FSDPStrategy"}:
+            # FSDP does not move the modules it ignores; the probe follows the root device itself.
+            module.to(trainer.strategy.root_device)
+        if world_size() > 1 and not has_uninitialized_params(module):
+            broadcast_([*module.parameters(), *module.buffers()])
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the optimizer (unless the module is still lazy) or move its state to the module's device."""
+        module = self.trainable_module(pl_module)
+        self.__dict__.pop("_buffer_cache", None)  # the module may have moved: its buffers are new tensors
+        if has_uninitialized_params(module):
+            return
+        stepper = self._ensure_stepper(trainer, module)
+        stepper.to(stepper.params[0].device)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Compute the loss on this batch and let the stepper accumulate it and step."""
+        module = self.trainable_module(pl_module)
+        if not module.training:
+            module.train()
+        was_lazy = self._stepper is None and has_uninitialized_params(module)
+        # Running statistics (BatchNorm) change in the forward: keep a copy to undo a non-finite batch.
+        buffers, saved = ([], []) if was_lazy else self._buffers_of(module)
+        if buffers:
+            torch._foreach_copy_(saved, buffers)
+        with self._private_rng(module), torch.enable_grad():
+            loss = self.compute_loss(trainer, pl_module, outputs, batch, batch_idx)
+        if loss is None:
+            return
+        if was_lazy and world_size() > 1:
+            broadcast_([*module.parameters(), *module.buffers()])
+        # Parameters are checked against the module at on_train_start; per step only a lazy first build remains.
+        stepper = self._stepper if self._stepper is not None else self._ensure_stepper(trainer, module)
+        stepper.backward(loss)
+        if buffers and stepper.last_found is not None:
+            restore_where_skipped(buffers, saved, stepper.last_found)
+        elif was_lazy and stepper.last_found is not None and bool(stepper.last_found):
+            # A lazy module's first batch made its buffers, so none were saved: when that batch is skipped, its
+            # running statistics start afresh (one sync, at the first batch only).
+            reset_running_stats(module)
+        self._log_loss(trainer, pl_module, loss)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Step an epoch-interval scheduler and warn (once) about skipped non-finite batches."""
+        if self._stepper is None:
+            return
+        self._stepper.epoch_end()
+        if not self._skip_warned:
+            skipped = self.skipped_batches  # one sync per epoch
+            if skipped:
+                self._skip_warned = True
+                rank_zero_warn(self._skipped_message(skipped), category=RuntimeWarning)
+
+    def _skipped_message(self, skipped: int) -> str:
+        """What the warning about ``skipped`` skipped batches says (said once)."""
+        scaling = (
+            " With a float16 probe the first few are its own loss scale settling, which is expected."
+            if self._stepper is not None and self._stepper._scaling
+            else ""
+        )
+        return (
+            f"{self._owner}: skipped {skipped} training batch(es) whose features, loss or gradients were not "
+            f"finite; the probe was left unchanged by them.{scaling} HINT: check the main model for NaN/Inf "
+            "outputs (callback.skipped_batches counts them)."
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = dict(self._stepper.state_dict()) if self._stepper is not None else dict(self._parked_state or {})
+        state["rng"] = self._rng.state_dict()
+        return state
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Put the probe's weights beside its training state (the model's own ``state_dict`` leaves them out)."""
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None:
+            state["module"] = self.trainable_module(pl_module).state_dict()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Load the probe's weights from its state in ``checkpoint``; say which probes start fresh or are dropped."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, Mapping):
+            return  # a weights-only checkpoint: the model alone
+        if not checkpoint.get(_SAID_KEY):
+            checkpoint[_SAID_KEY] = True  # once per checkpoint, whichever probe reads it first
+            ours = {c.state_key for c in trainer.callbacks}
+            dropped = [k for k in states if k.startswith(_PROBE_CLASSES) and k not in ours]
+            if dropped:
+                rank_zero_info(
+                    f"sslprobe: the checkpoint holds state for {', '.join(dropped)}, which this run does not have; "
+                    "that state is dropped."
+                )
+        state = states.get(self.state_key)
+        if state is None:
+            rank_zero_info(f"{self._owner}: the checkpoint holds no state for this probe; it starts fresh.")
+            return
+        if "module" in state:
+            self.trainable_module(pl_module).load_state_dict(state["module"])
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        state.pop("module", None)  # the probe's weights: loaded by on_load_checkpoint, which sees the module
+        if "rng" in state:
+            self._rng.load_state_dict(state.pop("rng"))
+        if not state:
+            return
+        if self._stepper is not None:
+            self._stepper.load_state_dict(state)
+        else:
+            # The optimizer does not exist before the first training batch: apply the state when it does.
+            self._parked_state = state
+
+    # ------------------------------------------------------------------ internals
+
+    def _buffers_of(self, module: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        """The module's buffers, and as many tensors to save them into before each training forward."""
+        cached = self.__dict__.get("_buffer_cache")
+        if cached is None or cached[0] is not module:
+            buffers = [b for b in module.buffers() if b.numel()]
+            cached = self.__dict__["_buffer_cache"] = (module, buffers, [torch.empty_like(b) for b in buffers])
+        return cached[1], cached[2]
+
+    def _private_rng(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        key = (id(module), module.training)
+        cached = self._rng_needed
+        if cached is None or cached[0] != key or cached[2]:
+            # Recomputed while the module is lazy (materialising draws random numbers), cached after.
+            cached = self._rng_needed = (key, needs_private_rng(module), has_uninitialized_params(module))
+        return self._rng if cached[1] else contextlib.nullcontext()
+
+    def _ensure_stepper(self, trainer: pl.Trainer, module: nn.Module) -> Stepper:
+        params = [p for p in module.parameters() if p.requires_grad]
+        current = self._stepper
+        same = current is not None and len(params) == len(current.params)
+        if same and all(map(operator.is_, params, current.params)):
+            return current
+        optimizer = create_optimizer(self.optimizer, params, owner=self._owner)
+        scheduler, interval = self._build_scheduler(trainer, optimizer)
+        self._stepper = Stepper(
+            params,
+            optimizer,
+            scheduler,
+            interval=interval,
+            accumulate_grad_batches=self.accumulate_grad_batches,
+            gradient_clip_val=self.gradient_clip_val,
+            gradient_clip_algorithm=self.gradient_clip_algorithm,
+            all_reduce=all_reduce_sum if world_size() > 1 else None,
+            world_size=world_size(),
+        )
+        if self._parked_state is not None:
+            self._stepper.load_state_dict(self._parked_state)
+            self._parked_state = None
+        log.debug("%s: built %s and %s", self._owner, type(optimizer).__name__, type(scheduler).__name__)
+        return self._stepper
+
+    def _build_scheduler(self, trainer: pl.Trainer, optimizer: Optimizer) -> tuple[Any, str]:
+        spec, interval = split_interval(self.scheduler, owner=self._owner)
+        total = run_length(trainer, interval, every=self.accumulate_grad_batches)
+        return create_scheduler(spec, optimizer, total=total, owner=self._owner), interval
+
+    def _log_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor, shared: bool = False) -> None:
+        # A Lightning log call costs about a millisecond of Python; a per-step value only ever reaches the
+        # logger on its log_every_n_steps cadence. So the loss is logged on exactly those steps (and the last
+        # step of each epoch, so callback_metrics holds a fresh value), averaged across processes only then.
+        # A `shared` loss is overwritten by the next step (a CUDA graph's output): the logged value is a copy.
+        logger_step = _logs_this_step(trainer)
+        if not (logger_step or _last_step_of_epoch(trainer)):
+            return
+        value = self.logged_loss(loss).detach()
+        if shared:
+            value = value.clone()
+        if world_size() > 1 and trainer.loggers and logger_step:
+            value = value.float().clone()
+            all_reduce_mean_([value])
+        pl_module.log(f"train/{self.name}_loss", value, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _check_strategy(self, trainer: pl.Trainer, pl_module: nn.Module, module: nn.Module) -> str:
+        names = _strategy_names(trainer)
+        if names & set(_REPLICATED_STRATEGIES):
+            return "ddp" if "DDPStrategy" in names else "single"
+        if "FSDPStrategy" in names:
+            kwargs = getattr(trainer.strategy, "kwargs", {}) or {}
+            ignored = list(kwargs.get("ignored_modules") or []) + list(kwargs.get("ignored_states") or [])
+            containers = (pl_module.callbacks_modules, module)
+            if any(any(item is c for c in containers) for item in ignored):
+                return "fsdp"
+            raise RuntimeError(
+                f"{self._owner}: under FSDP the probes must stay whole on every process, not sharded. Create the "
+                "strategy with FSDPStrategy(ignored_modules=[model.callbacks_modules], ...); see docs/distributed.md."
+            )
+        raise RuntimeError(
+            f"{self._owner}: the strategy {type(trainer.strategy).__name__} is not supported: probes need a full copy "
+            "of their parameters on every process. Use a single device, the DDP family (strategy='ddp', "
+            "'ddp_spawn', 'ddp_notebook') or FSDP with ignored_modules; see docs/distributed.md."
+        )
+
+    def _exclude_from_ddp(self, pl_module: pl.LightningModule) -> None:
+        module = self.trainable_module(pl_module)
+        probe_ids = {id(p) for m in pl_module.callbacks_modules.values() for p in m.parameters()}
+        if not any(p.requires_grad and id(p) not in probe_ids for p in pl_module.parameters()):
+            # Nothing else trains: DDP refuses a module without trainable parameters, so leave the probe
+            # registered. Its gradients come from autograd.grad, which fires no DDP hook.
+            if has_uninitialized_params(module):
+                raise RuntimeError(
+                    f"{self._owner}: under DDP with a frozen main model the probe cannot be lazy. Give its input "
+                    "size (e.g. LinearProbe(num_classes, in_features=D) or nn.Linear(D, C))."
+                )
+            return
+        prefix = f"callbacks_modules.{self.name}."
+        names = [prefix + n for n, _ in module.named_parameters()] + [prefix + n for n, _ in module.named_buffers()]
+        ignored = list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
+        # torch's documented hook for parameters DDP must not reduce (DistributedDataParallel reads it on wrap).
+        pl_module._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in ignored]
+
+
+@torch.no_grad()
+def reset_running_stats(module: nn.Module) -> None:
+    """Reset the running statistics of every normalisation layer in ``module`` (BatchNorm, FeatureNorm)."""
+    for layer in module.modules():
+        reset = getattr(layer, "reset_running_stats", None)
+        if callable(reset) and getattr(layer, "track_running_stats", True):
+            reset()
+
+
+@torch.no_grad()
+def restore_where_skipped(buffers: list[Tensor], saved: list[Tensor], found: Tensor) -> None:
+    """Put the values in ``saved`` back into ``buffers`` where ``found`` flags the batch as skipped (no host sync)."""
+    keep = found == 0
+    for buffer, old in zip(buffers, saved):
+        torch.where(keep, buffer, old, out=buffer)
+
+
+def _strategy_names(trainer: pl.Trainer) -> set[str]:
+    # Class names, not isinstance: the standalone pytorch_lightning package has its own strategy classes.
+    return {c.__name__ for c in type(trainer.strategy).__mro__}
+
+
+def world_size_of(trainer: pl.Trainer) -> int:
+    """The Trainer's world size (known in ``setup``, before the process group may exist)."""
+    return int(getattr(trainer, "world_size", 1) or 1)
+
+
+def _last_step_of_epoch(trainer: pl.Trainer) -> bool:
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
+        return True
+    return 0 < trainer.max_steps <= trainer.global_step
+
+
+def _logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning's logger connector records this training step (its ``should_update_logs``)."""
+    # The same arithmetic as the connector's property, read from the loop directly: the property walks every
+    # loop to find the active one, which costs more than the rest of a probe's bookkeeping.
+    stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
+    every = trainer.log_every_n_steps
+    if isinstance(stepped, int):
+        return every > 0 and ((stepped + 1) % every == 0 or trainer.should_stop)
+    connector = getattr(trainer, "_logger_connector", None)
+    should = getattr(connector, "should_update_logs", None)
+    if isinstance(should, bool):
+        return should
+    return every > 0 and (trainer.global_step + 1) % every == 0

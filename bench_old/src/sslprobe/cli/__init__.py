@@ -1,0 +1,1 @@
+"""The ``sslprobe`` command line (``demo``, ``plot``); nothing in the library imports it."""
