@@ -1,8 +1,0 @@
-"""Lightning callbacks that train and evaluate probes beside the main model."""
-
-from sslprobe.callbacks.base import TrainableCallback
-from sslprobe.callbacks.online_knn import OnlineKNN
-from sslprobe.callbacks.online_probe import OnlineProbe
-from sslprobe.callbacks.probe_sweep import ProbeSweep
-
-__all__ = ["OnlineKNN", "OnlineProbe", "ProbeSweep", "TrainableCallback"]

@@ -1,1 +1,0 @@
-"""The ``sslprobe`` command line (``demo``, ``plot``); nothing in the library imports it."""
