@@ -59,7 +59,7 @@ def brute_force_gcv(z, y, c, lambdas):
 @pytest.mark.parametrize(("n", "d", "c"), [(120, 10, 4), (90, 6, 2), (40, 60, 3), (300, 24, 7)])
 def test_the_fit_equals_sklearn_ridge_classifier_on_the_standardised_rows(n, d, c):
     x, y = make_rows(n, d, c)
-    x_val, y_val = make_rows(50, d, c, seed=1)
+    x_val, _ = make_rows(50, d, c, seed=1)
     fit = fit_ridge(statistics(x, y, c), DEFAULT_LAMBDAS)
     assert fit.rows == n
     z, mean, std = standardise(x)
