@@ -158,10 +158,11 @@ class RidgeStatistics:
         if features.shape[0] == 0:
             return
         usable, finite, labelled, in_range = _usable(features, labels, self.num_classes)  # (B,) each
-        # `where`, not a product: a non-finite row times 0 would still be NaN.
-        x = torch.where(usable[:, None], features.to(torch.float64) - self.shift, 0.0)  # (B, D)
-        onehot = labels[:, None] == self._classes  # (B, C)
-        y = torch.where(onehot, 1.0, -1.0).to(torch.float64) * usable[:, None]  # (B, C), zero rows where unusable
+        unusable = ~usable[:, None]  # (B, 1)
+        # A fill, not a product: a non-finite row times 0 would still be NaN.
+        x = features.to(torch.float64, copy=True).sub_(self.shift).masked_fill_(unusable, 0.0)  # (B, D)
+        onehot = (labels[:, None] == self._classes).to(torch.float64)  # (B, C)
+        y = onehot.mul_(2).sub_(1).masked_fill_(unusable, 0.0)  # (B, C): +1 / -1, zero rows where unusable
         flags = torch.stack([usable, ~finite, labelled & ~in_range], dim=1)  # (B, 3)
         self.counts[:3] += flags.sum(dim=0)
         self.counts[3] += features.shape[0]
@@ -169,9 +170,9 @@ class RidgeStatistics:
         self.sum_y += y.sum(dim=0)
         self.xtx.addmm_(x.T, x)
         self.xty.addmm_(x.T, y)
-        seen = torch.where(labelled, labels, 0)  # (B,); 0 is a valid label, so it never widens the range
-        self.label_range[0] = torch.minimum(self.label_range[0], seen.min())
-        self.label_range[1] = torch.maximum(self.label_range[1], seen.max())
+        low, high = torch.aminmax(torch.where(labelled, labels, 0))  # 0 is a valid label: it never widens the range
+        torch.minimum(self.label_range[0], low, out=self.label_range[0])
+        torch.maximum(self.label_range[1], high, out=self.label_range[1])
 
     @torch.no_grad()
     def reset_(self, shift: Tensor | None = None) -> None:
