@@ -80,7 +80,9 @@ class RefitProbe(Callback):
     - Under DDP each process sums its own rows; at a validation the statistics of all processes are summed in one
       collective, and every process fits and logs the same numbers.
     - The statistics and the last fit are part of the checkpoint, so a resumed run (also one resumed mid-epoch)
-      refits exactly as an uninterrupted one.
+      refits exactly as an uninterrupted one. Under DDP, writing a checkpoint sums the statistics of all processes
+      into it (one collective: Lightning's ``trainer.save_checkpoint`` runs on every process), and a resumed run
+      counts them once, on process 0.
 
     Args:
         module: the LightningModule to probe; ``None`` binds to the Trainer's module at setup.
