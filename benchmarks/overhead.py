@@ -15,6 +15,8 @@ Configurations, interleaved round by round (median over rounds), all through the
                     host time that cutting costs against the GPU time it saves
   eager-1 / -8      as module-N, with cuda_graph=False: every probe step launched op by op (on a GPU, module-N
                     replays each probe's step from a CUDA graph)
+  refit-1 / -9      sslprobe.Module + one RefitProbe (float64 statistics per step, no training), alone / beside 8
+                    OnlineProbes as module-8 (the refit itself runs at validation, which is not timed here)
 Probes: linear, embedding -> 100 classes, cross-entropy, top-1 metric. Batches are prebuilt on the device.
 
   --device cpu   MLP 512-1024-1024-512, batch 256, fp32
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslprobe import Module
-from sslprobe.callbacks import OnlineProbe, ProbeSweep
+from sslprobe.callbacks import OnlineProbe, ProbeSweep, RefitProbe
 from sslprobe.optim import _pieces as pieces
 from sslprobe.probes import LinearProbe
 
@@ -186,6 +188,9 @@ def build(config: str, backbone: nn.Module, emb: int):
                 weight_decays=[0.0, 5e-4],
             )
         ]
+    refits = [RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)] if kind == "refit" else []
+    if kind == "refit":
+        n -= 1  # the OnlineProbes beside it
     # "lars-N" and "probe-N": the probes' default optimizer (LARS); otherwise AdamW, as the hand-written floor uses.
     optimizer = None if kind in ("lars", "probe") else {"type": "AdamW", "lr": 1e-3}
     graph = None if kind != "eager" else False
@@ -197,7 +202,7 @@ def build(config: str, backbone: nn.Module, emb: int):
         OnlineProbe(model, f"p{i}", "embedding", "label", probe=head(), optimizer=optimizer, cuda_graph=graph)
         for i in range(n)
     ]
-    return model, probes
+    return model, [*probes, *refits]
 
 
 def run_config(config, backbone, emb, pool, args, device, precision):
@@ -222,14 +227,19 @@ def run_config(config, backbone, emb, pool, args, device, precision):
     batches = args.warm + args.steps + 1
     trainer.fit(model, Batches(pool, batches))
     trained = True
+    rows = batches * len(pool[0]["label"])
     for probe in probes:
+        if isinstance(probe, RefitProbe):  # it trains nothing: every row offered must be in its statistics
+            trained &= probe.statistics is not None and int(probe.statistics.counts[0]) == rows
+            continue
         trained &= probe.stepper is not None and probe.stepper.steps == batches
         trained &= bool(torch.isfinite(trainer.callback_metrics[f"train/{probe.name}_loss"]))
     if config.startswith("floor"):
         trained &= model.correct is not None and int(model.correct) > 0
     # The Trainer moves the module back to the CPU at the end; the next configuration moves it again.
     for p in probes:
-        model.callbacks_modules.pop(p.name)
+        if p.name in model.callbacks_modules:
+            model.callbacks_modules.pop(p.name)
     return timer.ms, timer.epoch_end_ms, trained
 
 

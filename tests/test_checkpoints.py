@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from sslprobe.callbacks import OnlineKNN, OnlineProbe
+from sslprobe.callbacks import OnlineKNN, OnlineProbe, RefitProbe
 from sslprobe.probes import LinearProbe
 from tests.conftest import D_EMB, D_IN, NUM_CLASSES, dict_loader, make_module, make_trainer
 
@@ -46,8 +46,11 @@ def test_a_plain_module_loads_its_checkpoint_without_any_probe(tmp_path):
     probes = [
         OnlineProbe(model, "linear", "embedding", "label", probe=LinearProbe(NUM_CLASSES)),
         OnlineKNN(model, "knn", "embedding", "label", k=3),
+        RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES),
     ]
     path = fit_with_checkpoint(tmp_path, model, probes)
+    refit_state = torch.load(path, weights_only=True)["callbacks"]["RefitProbe{'name': 'refit'}"]
+    assert refit_state["fit"]["weight"].shape == (D_EMB, NUM_CLASSES)  # beside the model's weights, not inside
     loaded = PlainModel.load_from_checkpoint(path)  # strict, for inference
     assert torch.equal(loaded.backbone[0].weight, model.backbone[0].weight)
     plain = PlainModel()
@@ -111,6 +114,7 @@ def test_the_model_state_never_holds_probes(strict):
     model = make_module()
     OnlineProbe(model, "linear", "embedding", "label", probe=nn.Linear(D_EMB, NUM_CLASSES))
     OnlineKNN(model, "knn", "embedding", "label")
+    RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)
     assert not [k for k in model.state_dict() if "callbacks_" in k]
     result = model.load_state_dict(make_module().state_dict(), strict=strict)
     assert not result.missing_keys and not result.unexpected_keys

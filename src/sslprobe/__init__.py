@@ -1,6 +1,6 @@
 """sslprobe: online probes that report how good a representation is while it trains."""
 
-from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep, TrainableCallback
+from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep, RefitProbe, TrainableCallback
 from sslprobe.module import Module
 from sslprobe.optim import LARS, create_optimizer, create_scheduler
 from sslprobe.probes import AttentiveProbe, LinearProbe, MLPProbe
@@ -16,6 +16,7 @@ __all__ = [
     "OnlineKNN",
     "OnlineProbe",
     "ProbeSweep",
+    "RefitProbe",
     "TrainableCallback",
     "__version__",
     "create_optimizer",

@@ -6,7 +6,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_gather_cat", "all_reduce_mean_", "all_reduce_sum", "all_reduce_sum_", "broadcast_", "world_size"]
+__all__ = [
+    "all_gather_cat",
+    "all_reduce_mean_",
+    "all_reduce_sum",
+    "all_reduce_sum_",
+    "broadcast_",
+    "rank",
+    "world_size",
+]
 
 
 def world_size() -> int:
@@ -19,6 +27,18 @@ def world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def rank() -> int:
+    """This process's rank in the default group (0 when torch.distributed is not initialised).
+
+    Examples:
+        >>> rank()
+        0
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
 
 
 def _flat(tensors: list[Tensor]) -> Tensor:

@@ -21,6 +21,7 @@ __all__ = [
     "evaluated_loaders",
     "loader_metrics",
     "loader_suffix",
+    "log_loader_metrics",
     "mark_updated",
     "metric_states",
     "normalize_metrics",
@@ -86,6 +87,27 @@ def loader_suffix(trainer: Any, split: str, loader: int) -> str:
     batches = getattr(trainer, counts, None) if counts else None
     several = isinstance(batches, Sequence) and len(batches) > 1
     return f"/dataloader_idx_{loader}" if several else ""
+
+
+def log_loader_metrics(pl_module: Any, container: torch.nn.ModuleDict, name: str, split: str, *, skip: bool) -> None:
+    """Log ``{prefix}/{name}_{metric}`` of every evaluated loader of ``split`` (once per epoch), then reset them all.
+
+    One loader keeps the plain names; several get Lightning's own suffix (:func:`loader_suffix`), one number per
+    loader. A metric that saw no batch is not logged; with ``skip`` (a sanity check) nothing is.
+    """
+    for loader, metrics in evaluated_loaders(container, split):
+        suffix = loader_suffix(pl_module.trainer, split, loader)
+        for key, metric in metrics.items():
+            if metric.update_called and not skip:
+                pl_module.log(
+                    f"{STAGE_PREFIX[split]}/{name}_{key}{suffix}",
+                    metric.compute(),  # torchmetrics reduces across processes here
+                    on_step=False,
+                    on_epoch=True,
+                    prog_bar=split == "val",
+                    add_dataloader_idx=False,
+                )
+            reset_metric(metric)
 
 
 def capturable_metric(metric: torch.nn.Module) -> bool:

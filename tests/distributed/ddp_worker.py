@@ -22,7 +22,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 warnings.filterwarnings("ignore")
 
-from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep  # noqa: E402
+from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep, RefitProbe  # noqa: E402
+from tests.callbacks.test_refit_probe import ResumableBatches, batches_of  # noqa: E402
+from tests.conftest import make_xy  # noqa: E402
 from tests.distributed.common import NUM_CLASSES, ShardedData, build_module, linear_probe  # noqa: E402
 
 COUNTS = {"collectives": 0}
@@ -177,6 +179,65 @@ def scenario_poison(args):
     return {"weights": weights(model), "max_diff": after.max_diff, "skipped": probe.skipped_batches}
 
 
+class Mark(Callback):
+    """Placed before a probe: the collective count when its training step and its validation start begin."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.start = COUNTS["collectives"]
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.start = COUNTS["collectives"]
+
+
+class Tally(Callback):
+    """Placed after the probe: the collectives it made per training step and per validation start."""
+
+    def __init__(self, mark: Mark) -> None:
+        self.mark, self.per_step, self.per_validation = mark, [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.per_step.append(COUNTS["collectives"] - self.mark.start)
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        self.per_validation.append(COUNTS["collectives"] - self.mark.start)
+
+
+class ResumableShards(ShardedData):
+    """ShardedData whose training batches resume mid-epoch from a checkpoint (the loader's state is saved)."""
+
+    def train_dataloader(self):
+        x, y = make_xy(self.n_train, 0)
+        r, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return ResumableBatches(batches_of(x[r::n], y[r::n], self.batch_size))
+
+
+class Fits(Callback):
+    """Placed after the probe: its fit and logged numbers at every validation."""
+
+    def __init__(self, refit: RefitProbe) -> None:
+        self.refit, self.fits = refit, []
+
+    def on_validation_end(self, trainer, pl_module):
+        fit = self.refit.last_fit
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/refit")}
+        self.fits.append({"weight": fit.weight.cpu(), "bias": fit.bias.cpu(), "rows": fit.rows, **logged})
+
+
+def scenario_refit(args):
+    """RefitProbe on 2 processes: no collective per step, one per validation, a checkpoint every 4 steps; or a run
+    resumed from one of them (--ckpt)."""
+    model = build_module(trainable=True)
+    refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)
+    mark = Mark()
+    tally, fits = Tally(mark), Fits(refit)
+    callbacks = [mark, refit, tally, fits]
+    if not args.ckpt:
+        callbacks.append(ModelCheckpoint(args.out.parent, "refit-{step}", every_n_train_steps=4, save_top_k=-1))
+    t = trainer(args.accelerator, callbacks, max_epochs=2, enable_checkpointing=not args.ckpt)
+    t.fit(model, datamodule=ResumableShards(), ckpt_path=args.ckpt)
+    return {"per_step": tally.per_step, "per_validation": tally.per_validation, "fits": fits.fits}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")
@@ -189,6 +250,7 @@ def main():
     scenarios = {"train": scenario_train, "checkpoint": scenario_checkpoint, "frozen": scenario_frozen}
     scenarios["fsdp"] = scenario_fsdp
     scenarios["poison"] = scenario_poison
+    scenarios["refit"] = scenario_refit
     result = scenarios[args.scenario](args)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(result, args.out)

@@ -12,8 +12,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from sslprobe.callbacks import RefitProbe
 from sslprobe.probes.knn import knn_predict
 from sslprobe.probes.linear_bank import LinearHeadBank
+from sslprobe.probes.ridge import DEFAULT_LAMBDAS, RidgeStatistics, fit_ridge
+from tests.callbacks.test_refit_probe import ResumableBatches, batches_of
 from tests.conftest import make_trainer, make_xy
 from tests.distributed.common import NUM_CLASSES, build_module, linear_probe, loader
 
@@ -144,3 +147,75 @@ def test_a_non_finite_batch_on_one_rank_skips_the_global_batch_everywhere(tmp_pa
     make_trainer(max_epochs=1, callbacks=[probe]).fit(model, batches)
     for key, value in model.callbacks_modules["linear"].state_dict().items():
         torch.testing.assert_close(result["weights"][f"linear.{key}"], value, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- RefitProbe
+
+
+@pytest.fixture(scope="module")
+def refit_run(tmp_path_factory) -> tuple[dict, Path]:
+    folder = tmp_path_factory.mktemp("refit")
+    return run_worker("refit", folder / "refit.pt"), folder
+
+
+def one_process_refit(ckpt_path: str | None = None):
+    """The reference: one process whose batches of 8 hold both processes' batches of 4."""
+    model = build_module(trainable=True)
+    refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)
+    x, y = make_xy(48)
+    trainer = make_trainer(max_epochs=2, callbacks=[refit])
+    trainer.fit(model, ResumableBatches(batches_of(x, y, 8)), loader(24, batch_size=8, seed=1), ckpt_path=ckpt_path)
+    return refit, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval/refit")}
+
+
+def test_refit_under_ddp_equals_one_process_holding_the_whole_batch(refit_run):
+    result, _ = refit_run
+    # No collective in a training step but the first (the shift of the statistics, broadcast once); one per
+    # validation (the statistics of both processes, summed).
+    assert result["per_step"] == [1] + [0] * 11
+    assert result["per_validation"] == [1, 1]
+    refit, logged = one_process_refit()
+    last = result["fits"][-1]
+    assert last["rows"] == refit.last_fit.rows == 48
+    torch.testing.assert_close(last["weight"], refit.last_fit.weight, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(last["bias"], refit.last_fit.bias, rtol=1e-9, atol=1e-12)
+    assert {k: last[k] for k in logged} == pytest.approx(logged)
+    assert set(logged) == {"eval/refit_top1", "eval/refit_lambda"}
+
+
+def test_a_mid_epoch_checkpoint_of_two_processes_holds_the_rows_of_both(refit_run):
+    _, folder = refit_run
+    checkpoint = torch.load(folder / "refit-step=4.ckpt", weights_only=True)
+    state = checkpoint["callbacks"]["RefitProbe{'name': 'refit'}"]
+    stats = RidgeStatistics.from_buffer(state["statistics"], state["shift"], NUM_CLASSES)
+    assert stats.counts.tolist() == [32.0, 0.0, 0.0, 32.0]  # 4 steps x 2 processes x 4 rows
+    model = build_module(trainable=True)
+    x, y = make_xy(48)
+    with torch.no_grad():
+        features = model.backbone(x[:32])
+    expected = RidgeStatistics(features.shape[1], NUM_CLASSES)
+    expected.update(features, y[:32])
+    fit, reference = fit_ridge(stats, DEFAULT_LAMBDAS), fit_ridge(expected, DEFAULT_LAMBDAS)
+    assert fit.lambda_ == reference.lambda_
+    torch.testing.assert_close(fit.weight, reference.weight, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_two_process_checkpoint_resumed_mid_epoch_refits_as_the_uninterrupted_run(refit_run, tmp_path, processes):
+    result, folder = refit_run
+    ckpt = str(folder / "refit-step=4.ckpt")
+    if processes == 2:
+        resumed = run_worker("refit", tmp_path / "resumed.pt", "--ckpt", ckpt)
+        assert len(resumed["fits"]) == len(result["fits"]) == 2
+        for got, expected in zip(resumed["fits"], result["fits"]):
+            assert got["rows"] == expected["rows"] == 48  # process 1 did not count the checkpoint's rows again
+            torch.testing.assert_close(got["weight"], expected["weight"], rtol=1e-9, atol=1e-12)
+            assert {k: v for k, v in got.items() if k.startswith("eval/")} == pytest.approx(
+                {k: v for k, v in expected.items() if k.startswith("eval/")}
+            )
+    else:
+        refit, logged = one_process_refit(ckpt)
+        last = result["fits"][-1]
+        assert refit.last_fit.rows == 48
+        torch.testing.assert_close(refit.last_fit.weight, last["weight"], rtol=1e-9, atol=1e-12)
+        assert logged == pytest.approx({k: last[k] for k in logged})

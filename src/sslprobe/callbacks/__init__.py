@@ -4,5 +4,6 @@ from sslprobe.callbacks.base import TrainableCallback
 from sslprobe.callbacks.online_knn import OnlineKNN
 from sslprobe.callbacks.online_probe import OnlineProbe
 from sslprobe.callbacks.probe_sweep import ProbeSweep
+from sslprobe.callbacks.refit_probe import RefitProbe
 
-__all__ = ["OnlineKNN", "OnlineProbe", "ProbeSweep", "TrainableCallback"]
+__all__ = ["OnlineKNN", "OnlineProbe", "ProbeSweep", "RefitProbe", "TrainableCallback"]

@@ -21,11 +21,9 @@ from sslprobe._metrics import (
     STAGE_PREFIX,
     MetricsSpec,
     Top1Accuracy,
-    evaluated_loaders,
     loader_metrics,
-    loader_suffix,
+    log_loader_metrics,
     normalize_metrics,
-    reset_metric,
 )
 from sslprobe.callbacks.base import (
     cached_state_key,
@@ -440,20 +438,7 @@ class OnlineKNN(Callback):
         if self._eval_nonfinite is not None and not skip and split not in self._warned:
             self._warn_nonfinite(split, self._eval_nonfinite)
         self._eval_nonfinite = None
-        for loader, metrics in evaluated_loaders(pl_module.callbacks_metrics[self.name], split):
-            # One loader keeps the plain name; several get Lightning's own suffix, one number per loader.
-            suffix = loader_suffix(pl_module.trainer, split, loader)
-            for name, metric in metrics.items():
-                if metric.update_called and not skip:
-                    pl_module.log(
-                        f"{STAGE_PREFIX[split]}/{self.name}_{name}{suffix}",
-                        metric.compute(),
-                        on_step=False,
-                        on_epoch=True,
-                        prog_bar=split == "val",
-                        add_dataloader_idx=False,
-                    )
-                reset_metric(metric)
+        log_loader_metrics(pl_module, pl_module.callbacks_metrics[self.name], self.name, split, skip=skip)
 
     def _warn_nonfinite(self, run: str, count: Tensor, offered: int | None = None) -> None:
         """Warn once per run when rows with non-finite features were left out (one sync, one collective)."""
