@@ -105,7 +105,12 @@ class Windows(Callback):
 
 
 def fit_refit(train, val, *, max_epochs=1, model=None, callbacks=(), trainer_kw=None, **kw):
-    """A frozen backbone (optim=None) probed by RefitProbe, unless a model is given."""
+    """A frozen backbone (optim=None) probed by RefitProbe, unless a model is given.
+
+    Evaluation is standardised as the fitted rows were (``eval_stats="train"``), the plain scikit-learn pipeline these
+    tests compare with, unless ``eval_stats`` is given.
+    """
+    kw.setdefault("eval_stats", "train")
     model = make_module(optim=None) if model is None else model
     refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES, **kw)
     logger = MemoryLogger()
@@ -161,7 +166,7 @@ def test_validate_before_any_fit_logs_nothing_and_after_a_fit_repeats_the_last_n
     x_tr, y_tr = make_data(48, seed=0)
     x_va, y_va = make_data(24, seed=1)
     model = make_module(optim=None)
-    refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)
+    refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES, eval_stats="train")
     trainer = make_trainer(callbacks=[refit])
     results = trainer.validate(model, loader(x_va, y_va))
     assert not [k for k in results[0] if "refit" in k]
@@ -370,7 +375,7 @@ def test_a_training_label_out_of_range_is_a_clear_error_at_the_validation(bad, m
 )
 def test_bad_batches_are_clear_errors_at_the_first_batch(target, input, message):
     model = make_module(optim=None)
-    refit = RefitProbe(model, "refit", input, target, num_classes=NUM_CLASSES)
+    refit = RefitProbe(model, "refit", input, target, num_classes=NUM_CLASSES, eval_stats="train")
     with pytest.raises(RuntimeError, match=r"^RefitProbe\(name='refit'\): .*" + message):
         make_trainer(callbacks=[refit]).fit(model, loader(*make_data(48, seed=0)))
 
@@ -382,7 +387,7 @@ def test_a_feature_size_that_changes_mid_run_is_a_clear_error():
 
     torch.manual_seed(0)
     model = Module(forward=forward, backbone=nn.Linear(D_IN, D_EMB))
-    refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)
+    refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES, eval_stats="train")
     with pytest.raises(RuntimeError, match=r"have 8 columns, but the training rows since the previous validation"):
         make_trainer(callbacks=[refit]).fit(model, loader(*make_data(48, seed=0)))
 
@@ -453,7 +458,7 @@ def test_module_none_binds_at_setup_on_a_plain_lightning_module_with_tuple_batch
     x_tr, y_tr = make_data(48, seed=0)
     x_va, y_va = make_data(24, seed=1)
     tuples = [torch.utils.data.TensorDataset(x, y) for x, y in ((x_tr, y_tr), (x_va, y_va))]
-    refit = RefitProbe(name="refit", input="h", target=1, num_classes=NUM_CLASSES)
+    refit = RefitProbe(name="refit", input="h", target=1, num_classes=NUM_CLASSES, eval_stats="train")
     model = Plain()
     trainer = make_trainer(callbacks=[refit])
     trainer.fit(model, *(torch.utils.data.DataLoader(t, batch_size=8) for t in tuples))
@@ -598,7 +603,7 @@ def test_a_resumed_run_refits_exactly_as_an_uninterrupted_one(tmp_path, stop_at,
 
     def run(callbacks=(), ckpt_path=None):
         model = make_module(optim={"type": "SGD", "lr": 0.2, "momentum": 0.9})  # a moving encoder
-        refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)
+        refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES, eval_stats="train")
         logger = MemoryLogger()
         trainer = make_trainer(
             max_epochs=3, callbacks=[refit, *callbacks], logger=logger, enable_checkpointing=bool(callbacks)
@@ -633,3 +638,69 @@ def test_validate_from_a_checkpoint_evaluates_the_last_fit(tmp_path):
     results = make_trainer(callbacks=[again]).validate(fresh, loader(x_va, y_va), ckpt_path=tmp_path / "last.ckpt")
     assert results[0]["eval/refit_top1"] == pytest.approx(last)
     assert torch.equal(again.last_fit.weight, refit.last_fit.weight)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation statistics
+
+
+def scored_with_own_statistics(fit, features: torch.Tensor) -> torch.Tensor:
+    """The fit's scores of ``features`` standardised with their own exact statistics (float64, population std)."""
+    f = features.double()
+    std = f.std(0, unbiased=False)
+    z = (f - f.mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
+    return z @ (fit.weight * fit.std[:, None]) + (fit.bias + fit.mean @ fit.weight)
+
+
+class BatchNormEncoder(torch.nn.Module):
+    """An encoder whose eval-mode features differ from its training-mode ones (BatchNorm's running statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16, momentum=0.01))
+
+    def forward(self, x):
+        return self.net(x * 5 + 2) * 3 + 5
+
+
+def test_by_default_evaluation_features_are_standardised_with_their_own_statistics():
+    x_tr, y_tr = make_data(96, seed=0)
+    x_va, y_va = make_data(48, seed=1)
+    torch.manual_seed(0)
+    model = Module(forward=lambda self, b, stage: {"embedding": self.backbone(b["x"])}, backbone=BatchNormEncoder())
+    refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)
+    trainer = make_trainer(max_epochs=1, callbacks=[refit])
+    trainer.fit(model, loader(x_tr, y_tr), loader(x_va, y_va, batch_size=48))  # one validation batch
+    model.eval()
+    with torch.no_grad():
+        f_va = model.backbone(x_va)
+    expected = (scored_with_own_statistics(refit.last_fit, f_va).argmax(1) == y_va).double().mean().item()
+    assert trainer.callback_metrics["eval/refit_top1"].item() == pytest.approx(expected)
+    # eval_stats="train" scores the same eval-mode features with the fitted rows' statistics instead.
+    plain = (refit.last_fit.decision(f_va).argmax(1) == y_va).double().mean().item()
+    assert plain != expected
+    train_stats = RefitProbe(None, "refit", "embedding", "label", num_classes=NUM_CLASSES, eval_stats="train")
+    refit._eval_fit = None
+    results = make_trainer(callbacks=[train_stats]).validate(model, loader(x_va, y_va, batch_size=48))
+    assert not results[0]  # a new callback without a fit logs nothing: give it the fit, as a resume would
+    train_stats._fit = refit.last_fit
+    results = make_trainer(callbacks=[train_stats]).validate(model, loader(x_va, y_va, batch_size=48))
+    assert results[0]["eval/refit_top1"] == pytest.approx(plain)
+
+
+def test_a_second_loader_is_standardised_with_the_first_loaders_statistics():
+    x_tr, y_tr = make_data(96, seed=0)
+    x_va, y_va = make_data(48, seed=1)
+    model = make_module(optim=None)
+    refit = RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)
+    shifted = x_va * 2 + 3
+    trainer = make_trainer(max_epochs=1, callbacks=[refit])
+    trainer.fit(model, loader(x_tr, y_tr), [loader(x_va, y_va, batch_size=48), loader(shifted, y_va, batch_size=48)])
+    with torch.no_grad():
+        f_in, f_shift = embed(model, x_va), embed(model, shifted)
+    f = f_in.double()
+    std = f.std(0, unbiased=False)
+    z = (f_shift.double() - f.mean(0)) / torch.where(std > 0, std, torch.ones_like(std))
+    fit = refit.last_fit
+    scores = z @ (fit.weight * fit.std[:, None]) + (fit.bias + fit.mean @ fit.weight)
+    expected = (scores.argmax(1) == y_va).double().mean().item()
+    assert trainer.callback_metrics["eval/refit_top1/dataloader_idx_1"].item() == pytest.approx(expected)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from numbers import Real
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -40,6 +40,7 @@ __all__ = ["RefitProbe"]
 warning_cache = WarningCache()
 
 _SPLIT_WORD = {"val": "validation", "test": "test"}
+_ALLOWED_EVAL_STATS = ("eval", "train")
 _FIT_TENSORS = ("weight", "bias", "gcv", "mean", "std")
 
 
@@ -63,7 +64,8 @@ class RefitProbe(Callback):
     population standard deviation, targets one-hot in ``{-1, +1}``, an unpenalised intercept, the penalty per row
     ``lambda`` chosen from ``lambdas`` by generalised cross-validation from the same statistics; the whole grid
     comes from one eigendecomposition. It equals scikit-learn's ``RidgeClassifier(alpha=lambda * n,
-    fit_intercept=True)`` on the same standardised rows. Predictions are ``argmax(features @ W + b)``.
+    fit_intercept=True)`` on the same standardised rows. Predictions are the argmax of the scores of the evaluation
+    features standardised with their own statistics (``eval_stats="eval"``) or the fitted rows' (``"train"``).
 
     Logs ``eval/{name}_{metric}`` (default ``top1``; metrics given receive the scores ``(B, C)``) and
     ``eval/{name}_lambda`` at each validation (never in the sanity check), one number per loader under Lightning's
@@ -94,6 +96,11 @@ class RefitProbe(Callback):
         lambdas: the grid of penalties per row (each > 0); default ``10 ** linspace(-6, 1, 15)``.
         metrics: extra torchmetrics metrics on the scores, in the forms :class:`~sslprobe.callbacks.OnlineProbe`
             takes (its ``val`` side serves validation and test; nothing is predicted in training).
+        eval_stats: how evaluation features are standardised before the fit scores them. ``"eval"`` (default):
+            with the mean and standard deviation of the evaluation rows seen so far in that evaluation (the first
+            loader's for later loaders), as :class:`~sslprobe.probes.FeatureNorm` does: an encoder with BatchNorm
+            gives other features in eval mode than the training-mode rows that were fitted. ``"train"``: with the
+            fitted rows' own (the plain ``RidgeClassifier`` pipeline).
 
     Attributes:
         last_fit: the current :class:`~sslprobe.probes.ridge.RidgeFit` (``None`` before the first).
@@ -137,6 +144,7 @@ class RefitProbe(Callback):
         num_classes: int | None = None,
         lambdas: Iterable[float] | None = None,
         metrics: MetricsSpec = None,
+        eval_stats: Literal["eval", "train"] = "eval",
     ) -> None:
         name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
@@ -158,6 +166,11 @@ class RefitProbe(Callback):
                 f"{owner}: num_classes must be an int >= 2, got {num_classes}: one class cannot be classified. "
                 "Pass the number of classes, e.g. num_classes=10."
             )
+        if eval_stats not in _ALLOWED_EVAL_STATS:
+            raise ValueError(
+                f"{owner}: eval_stats must be one of {_ALLOWED_EVAL_STATS}, got {eval_stats!r}. Pass 'eval' to "
+                "standardise evaluation features with their own statistics, or 'train' with the fitted rows'."
+            )
         grid = self._check_lambdas(lambdas, owner)
         splits = normalize_metrics(metrics, owner)  # a bad form fails now, even when the module is bound at setup
         if "lambda" in splits["val"]:
@@ -167,6 +180,8 @@ class RefitProbe(Callback):
         self.name, self.input, self.target, self.num_classes = name, input, target, num_classes
         self.lambdas = grid
         self.metrics = metrics
+        self.eval_stats = eval_stats
+        self._eval_moments: Tensor | None = None  # float64 [count, sum, sum of squares] of this evaluation's rows
         self._owner = owner
         self._binds_at_setup = module is None
         self._stats = None
@@ -341,6 +356,7 @@ class RefitProbe(Callback):
     def _start_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
         self._eval_fit = None
         self._eval_nonfinite = None
+        self._eval_moments = None
         if trainer.sanity_checking:
             return
         in_fit = trainer.state.fn == "fit"
@@ -416,11 +432,45 @@ class RefitProbe(Callback):
         count = int(usable.sum())  # one host sync per eval batch: the metrics get the usable samples only
         if count == 0:
             return
-        if count < x.shape[0]:
-            x, y = x[usable], y[usable]
-        scores = fit.decision(x)  # (B, C), float64
+        if self.eval_stats == "eval":
+            scores = self._scores_with_eval_statistics(fit, x, finite, loader)
+            if count < x.shape[0]:
+                scores, y = scores[usable], y[usable]
+        else:
+            if count < x.shape[0]:
+                x, y = x[usable], y[usable]
+            scores = fit.decision(x)  # (B, C), float64
         for metric in loader_metrics(pl_module.callbacks_metrics[self.name], split, loader).values():
             metric.update(scores, y)
+
+    def _scores_with_eval_statistics(self, fit: RidgeFit, x: Tensor, finite: Tensor, loader: int) -> Tensor:
+        """Scores of the fit on ``x`` standardised with the evaluation rows' own statistics (so far, all processes).
+
+        An encoder with BatchNorm gives other features in eval mode than in training: standardising them with the
+        training rows' statistics scores a shifted, rescaled copy (issue 22's lag, for the refit). The first loader's
+        rows set the statistics; a later loader (a shifted domain) is standardised with them. Where fewer than two
+        rows are known, the fitted rows' statistics are used.
+        """
+        rows = torch.where(finite[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.float64)
+        if loader == 0 or self._eval_moments is None:
+            count = finite.sum().to(torch.float64).reshape(1)
+            moments = torch.cat([count, rows.sum(0), rows.square().sum(0)])
+            if world_size() > 1:
+                all_reduce_sum_([moments])  # one collective per evaluation batch: every process, the same statistics
+            self._eval_moments = moments if self._eval_moments is None else self._eval_moments + moments
+        moments = self._eval_moments
+        d = rows.shape[1]
+        n = moments[0].clamp(min=1.0)
+        mean = moments[1 : d + 1] / n
+        var = (moments[d + 1 :] / n - mean.square()).clamp(min=0.0)
+        std = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
+        seen = moments[0] >= 2
+        mean = torch.where(seen, mean, fit.mean.to(torch.float64))
+        std = torch.where(seen, std, fit.std.to(torch.float64))
+        # The fit in standardised coordinates: W_z = W * std_fit, b_z = b + mean_fit @ W (see RidgeFit).
+        weight_z = fit.weight * fit.std.to(torch.float64)[:, None]
+        bias_z = fit.bias + fit.mean.to(torch.float64) @ fit.weight
+        return torch.addmm(bias_z, (rows - mean) / std, weight_z)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
