@@ -69,4 +69,10 @@ memory)
         CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$PWD/bench_old/src:$PWD timeout 160 python3 benchmarks/memory.py --configs none,module-8,knn --json "$OUT/memory_old.json" 2>&1 | tee "$OUT/memory_old.txt"
     fi
     ;;
+refit)
+    # Issue 18: one refit at D=2048, C=1000 on the GPU, and what RefitProbe costs per step on ResNet-50.
+    FILTER="^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip\|USDT"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 benchmarks/refit_time.py --device cuda 2>&1 | tee "$OUT/refit_time.txt"
+    CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs none,module-1,refit-1,module-8,refit-9 --json "$OUT/r50_refit.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50_refit.txt"
+    ;;
 esac
