@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sslprobe._imports import require
-from sslprobe.callbacks import OnlineProbe
+from sslprobe.callbacks import OnlineProbe, RefitProbe
 from sslprobe.cli.simclr import ConvEncoder, augment, nt_xent
 from sslprobe.module import Module
 from sslprobe.probes import LinearProbe
@@ -67,8 +67,8 @@ def simclr_forward(self: Module, batch: dict[str, torch.Tensor], stage: str) -> 
     return {"embedding": h_clean, "loss": loss}
 
 
-def build(args: argparse.Namespace, steps_per_epoch: int) -> tuple[Module, tuple[OnlineProbe, ...]]:
-    """The SimCLR module and its probes."""
+def build(args: argparse.Namespace, steps_per_epoch: int) -> tuple[Module, tuple[pl.Callback, ...]]:
+    """The SimCLR module and its probes: a live linear probe, and a ridge refitted at every validation."""
     encoder = ConvEncoder(out_features=128, width=32)
     projector = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64))
     model = Module(
@@ -82,7 +82,10 @@ def build(args: argparse.Namespace, steps_per_epoch: int) -> tuple[Module, tuple
             "interval": "step",
         },
     )
-    probes = (OnlineProbe(model, "linear", input="embedding", target="label", probe=LinearProbe(NUM_CLASSES)),)
+    probes = (
+        OnlineProbe(model, "linear", input="embedding", target="label", probe=LinearProbe(NUM_CLASSES)),
+        RefitProbe(model, "refit", input="embedding", target="label", num_classes=NUM_CLASSES),
+    )
     return model, probes
 
 

@@ -112,7 +112,13 @@ def plot_metrics(csv_path: str | Path, out_path: str | Path | None = None, title
     out = Path(out_path) if out_path is not None else csv_path.with_name("probes.png")
     series = read_metrics(csv_path)
     losses = {k: v for k, v in series.items() if "loss" in k}
-    others = {k: v for k, v in series.items() if "loss" not in k and not k.startswith(("lr-", "epoch"))}
+    # Hyper-parameters a probe reports (a refit's lambda, a sweep's best lr/wd) are not scores on the 0-1 axis.
+    settings = ("_lambda", "_best_lr", "_best_wd")
+    others = {
+        k: v
+        for k, v in series.items()
+        if "loss" not in k and not k.startswith(("lr-", "epoch")) and not k.endswith(settings)
+    }
     if not series:
         raise ValueError(f"sslprobe plot: {csv_path} holds no metric values.")
     fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
