@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,6 +100,16 @@ def _label(value: float) -> str:
     return f"{value:g}"
 
 
+def build_sweep_optimizer(
+    params: list[nn.Parameter], *, lrs: list[float], weight_decays: list[float], kind: str, **shared: Any
+) -> SweepOptimizer:
+    """The :class:`SweepOptimizer` of a bank's parameters: the weights ``(H, C, D)`` decay, the biases do not."""
+    weights = [p for p in params if p.ndim == 3]
+    biases = [p for p in params if p.ndim != 3]
+    groups = [{"params": weights}, {"params": biases, "decay": False, "adapt": False}]
+    return SweepOptimizer([g for g in groups if g["params"]], lrs=lrs, weight_decays=weight_decays, kind=kind, **shared)
+
+
 class ProbeSweep(OnlineProbe):
     """A hyper-parameter sweep of linear probes, trained together as one computation.
 
@@ -168,18 +179,14 @@ class ProbeSweep(OnlineProbe):
             raise ValueError(f"{owner}: num_classes must be a positive int, got {num_classes!r}.")
         grid = [(lr, wd) for lr in lrs for wd in weight_decays]
         num_heads = len(grid)
-
-        def build_optimizer(params: list[nn.Parameter]) -> SweepOptimizer:
-            weights = [p for p in params if p.ndim == 3]
-            biases = [p for p in params if p.ndim != 3]
-            groups = [{"params": weights}, {"params": biases, "decay": False, "adapt": False}]
-            return SweepOptimizer(
-                [g for g in groups if g["params"]],
-                lrs=[lr for lr, _ in grid],
-                weight_decays=[wd for _, wd in grid],
-                kind=kind,
-                **shared,
-            )
+        # A partial of a module-level function, not a closure: the callback pickles (ddp_spawn, torch.save).
+        build_optimizer = functools.partial(
+            build_sweep_optimizer,
+            lrs=[lr for lr, _ in grid],
+            weight_decays=[wd for _, wd in grid],
+            kind=kind,
+            **shared,
+        )
 
         self.lrs, self.weight_decays, self.num_classes = lrs, weight_decays, num_classes
         self.grid = grid
