@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from sslprobe._containers import CallbackModuleDict
 from sslprobe._run_length import run_length
 from sslprobe.optim.factories import OptimizerSpec, create_optimizer, create_scheduler, split_interval
 
@@ -72,8 +73,8 @@ class Module(pl.LightningModule):
                 raise ValueError(f"Module: {key!r} is reserved; give that attribute another name.")
         self._optim_spec, self._scheduler_spec, self._interval = self._split_optim(optim)
         self._forward_fn = forward
-        self.callbacks_modules = nn.ModuleDict()
-        self.callbacks_metrics = nn.ModuleDict()
+        self.callbacks_modules = CallbackModuleDict()
+        self.callbacks_metrics = CallbackModuleDict()
         for key, value in modules.items():
             setattr(self, key, value)
         self._step_anchor: Tensor | None = None

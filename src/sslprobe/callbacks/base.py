@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
 from sslprobe._build import ModuleSpec, build_module, has_uninitialized_params
+from sslprobe._containers import CallbackModuleDict
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum, broadcast_, world_size
 from sslprobe._rng import PrivateRNG, needs_private_rng
 from sslprobe._run_length import run_length
@@ -40,7 +41,7 @@ def ensure_containers(module: nn.Module, owner: str) -> tuple[nn.ModuleDict, nn.
     for attr in ("callbacks_modules", "callbacks_metrics"):
         existing = getattr(module, attr, None)
         if existing is None:
-            existing = nn.ModuleDict()
+            existing = CallbackModuleDict()
             # The one write to a user's module: the two containers the SPEC puts probes and metrics in.
             setattr(module, attr, existing)
         elif not isinstance(existing, nn.ModuleDict):
@@ -447,6 +448,8 @@ class TrainableCallback(Callback):
                     f"{self._owner}: under DDP with a frozen main model the probe cannot be lazy. Give its input "
                     "size (e.g. LinearProbe(num_classes, in_features=D) or nn.Linear(D, C))."
                 )
+            if isinstance(pl_module.callbacks_modules, CallbackModuleDict):
+                pl_module.callbacks_modules.listed_in_parent = True  # so that DDP sees them
             return
         prefix = f"callbacks_modules.{self.name}."
         names = [prefix + n for n, _ in module.named_parameters()] + [prefix + n for n, _ in module.named_buffers()]

@@ -554,8 +554,7 @@ class OnlineProbe(TrainableCallback):
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log ``eval/{name}_{metric}`` over the whole validation set (all processes)."""
-        for norm in self._feature_norms(self.trainable_module(pl_module)):
-            norm.frozen_eval = False
+        self._end_evaluation(pl_module)
         if trainer.sanity_checking:
             for metric in self._split_metrics(pl_module, "val").values():
                 reset_metric(metric)
@@ -565,6 +564,7 @@ class OnlineProbe(TrainableCallback):
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log ``test/{name}_{metric}`` over the whole test set (all processes)."""
+        self._end_evaluation(pl_module)
         self._log_metrics(pl_module, "test")
 
     # ------------------------------------------------------------------ internals
@@ -783,6 +783,14 @@ class OnlineProbe(TrainableCallback):
             norm._reduce = all_reduce_sum_ if world_size() > 1 else None  # evaluation rows of every rank
             norm.frozen_eval = False
             norm.start_evaluation()
+
+    def _end_evaluation(self, pl_module: pl.LightningModule) -> None:
+        probe = self.trainable_module(pl_module)
+        for norm in self._feature_norms(probe):
+            norm.frozen_eval = False
+        # Back in training mode, as Lightning puts the model's own modules back after an evaluation: it does not see
+        # the probe (not among the model's modules()), which would otherwise stay in eval mode until its next batch.
+        probe.train()
 
     def _feature_norms(self, probe: nn.Module) -> list[FeatureNorm]:
         """The probe's FeatureNorm layers (found once per probe)."""
