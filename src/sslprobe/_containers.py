@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cache
 
 from torch import nn
 
-__all__ = ["CallbackModuleDict"]
+__all__ = ["CallbackModuleDict", "is_reserved_key"]
 
 
 class CallbackModuleDict(nn.ModuleDict):
@@ -45,3 +46,18 @@ class CallbackModuleDict(nn.ModuleDict):
         if memo is not None and not self.listed_in_parent:
             return
         yield from super().named_modules(memo, prefix, remove_duplicate)
+
+
+@cache
+def _attributes() -> frozenset[str]:
+    return frozenset(dir(CallbackModuleDict()))
+
+
+def is_reserved_key(key: str) -> bool:
+    """True for a key an ``nn.ModuleDict`` cannot hold because it is one of its attributes (``"train"``, ``"eval"``).
+
+    Examples:
+        >>> is_reserved_key("eval"), is_reserved_key("keys"), is_reserved_key("linear"), is_reserved_key("test")
+        (True, True, False, False)
+    """
+    return key in _attributes()

@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
 from sslprobe._build import ModuleSpec, build_module, has_uninitialized_params
-from sslprobe._containers import CallbackModuleDict
+from sslprobe._containers import CallbackModuleDict, is_reserved_key
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum, broadcast_, world_size
 from sslprobe._rng import PrivateRNG, needs_private_rng
 from sslprobe._run_length import run_length
@@ -75,6 +75,11 @@ def check_name(name: Any, cls: str) -> str:
     """Check a callback name: a non-empty string without '.', usable as a ModuleDict key and a log name."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"{cls}: name must be a non-empty string without '.', got {name!r}. Use e.g. name='linear'.")
+    if is_reserved_key(name):
+        raise ValueError(
+            f"{cls}(name={name!r}): the name {name!r} is an attribute of nn.ModuleDict, where the probe is stored "
+            f"(module.callbacks_modules[name]), so it cannot be a probe's name. Use another, e.g. name='{name}_probe'."
+        )
     return name
 
 
