@@ -7,6 +7,7 @@ import torchmetrics
 from torch import nn
 
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep
+from sslprobe.probes import LinearProbe
 from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
 
 CALLBACKS = {
@@ -52,3 +53,35 @@ def test_the_stage_names_test_val_and_predict_are_fine_names():
 def test_a_metric_name_that_nn_module_dict_reserves(kind, metrics, match):
     with pytest.raises(ValueError, match=rf"{kind}\(name='p'\): .*" + match):
         CALLBACKS[kind](make_module(), "p", metrics=metrics)
+
+
+@pytest.mark.parametrize(
+    ("probe", "match"),
+    [
+        (
+            nn.Linear,
+            r"probe is the class nn.Linear, not a module, and it needs arguments \(in_features, out_features\)"
+            r".*probe=nn.Linear\(in_features=\.\.\., out_features=\.\.\.\)",
+        ),
+        (LinearProbe, r"probe is the class LinearProbe.*probe=functools.partial\(LinearProbe, num_classes=\.\.\.\)"),
+    ],
+)
+def test_a_probe_given_as_a_class(probe, match):
+    with pytest.raises(TypeError, match=r"OnlineProbe\(name='p'\): " + match):
+        OnlineProbe(make_module(), "p", "embedding", "label", probe=probe)
+
+
+def test_a_probe_class_that_needs_no_argument_is_a_factory():
+    class Small(nn.Linear):
+        def __init__(self, in_features: int = D_EMB, out_features: int = NUM_CLASSES) -> None:
+            super().__init__(in_features, out_features)
+
+    model = make_module()
+    OnlineProbe(model, "p", "embedding", "label", probe=Small)
+    assert isinstance(model.callbacks_modules["p"], Small)
+
+
+def test_a_loss_given_as_a_class():
+    match = r"OnlineProbe\(name='p'\): loss_fn is the class nn.CrossEntropyLoss, not a loss.*loss_fn=nn.CrossEntropyLoss\(\)"
+    with pytest.raises(TypeError, match=match):
+        CALLBACKS["OnlineProbe"](make_module(), "p", loss_fn=nn.CrossEntropyLoss)

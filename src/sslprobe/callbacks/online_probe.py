@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from sslprobe._batch import Locator, check_locator, features_of, target_of
-from sslprobe._build import ModuleSpec, has_uninitialized_params
+from sslprobe._build import ModuleSpec, class_name, has_uninitialized_params
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum_, world_size
 from sslprobe._metrics import (
     STAGE_KEY,
@@ -170,6 +170,11 @@ class OnlineProbe(TrainableCallback):
             raise TypeError(f"{owner}: cuda_graph must be None (when possible), True or False, got {cuda_graph!r}.")
         input = check_locator(input, "input", owner)
         target = check_locator(target, "target", owner)
+        if isinstance(loss_fn, type):
+            raise TypeError(
+                f"{owner}: loss_fn is the class {class_name(loss_fn)}, not a loss: it would be called with (preds, "
+                f"target) as its constructor arguments. Pass an instance, e.g. loss_fn={class_name(loss_fn)}()."
+            )
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(
                 f"{owner}: loss_fn must be callable (preds, target) -> Tensor, got {type(loss_fn).__name__}."
