@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
 import torchmetrics
 from torch import nn
 
@@ -85,3 +88,63 @@ def test_a_loss_given_as_a_class():
     match = r"OnlineProbe\(name='p'\): loss_fn is the class nn.CrossEntropyLoss, not a loss.*loss_fn=nn.CrossEntropyLoss\(\)"
     with pytest.raises(TypeError, match=match):
         CALLBACKS["OnlineProbe"](make_module(), "p", loss_fn=nn.CrossEntropyLoss)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"lrs": 0.1}, TypeError, r"lrs must be a list of numbers, got the single number 0.1.*lrs=\[0.1\]"),
+        ({"lrs": "0.1"}, TypeError, r"lrs must be a list of numbers, got '0.1' \(str\)"),
+        ({"lrs": ["0.1"]}, TypeError, r"lrs must hold numbers, got '0.1' \(str\) at index 0"),
+        ({"lrs": [0.1, True]}, TypeError, r"lrs must hold numbers, got True \(bool\) at index 1"),
+        (
+            {"lrs": [math.nan]},
+            ValueError,
+            r"learning rates must be > 0 and weight decays >= 0, all finite; lrs holds nan",
+        ),
+        ({"lrs": [0.1, math.inf]}, ValueError, r"all finite; lrs holds inf at index 1"),
+        ({"lrs": [0.0]}, ValueError, r"learning rates must be > 0"),
+        ({"lrs": [0.1, 0.1]}, ValueError, r"lrs holds 0.1 more than once"),
+        ({"lrs": []}, ValueError, r"lrs and weight_decays must each hold at least one value; lrs is empty"),
+        ({"weight_decays": 0.0}, TypeError, r"weight_decays must be a list of numbers.*weight_decays=\[0.0\]"),
+        ({"weight_decays": ["0"]}, TypeError, r"weight_decays must hold numbers, got '0' \(str\)"),
+        ({"weight_decays": [math.nan]}, ValueError, r"all finite; weight_decays holds nan at index 0"),
+        ({"weight_decays": [-1e-4]}, ValueError, r"weight decays >= 0.*weight_decays holds -0.0001"),
+    ],
+)
+def test_sweep_grid_errors(kwargs, error, match):
+    with pytest.raises(error, match=r"ProbeSweep\(name='s'\): .*" + match):
+        CALLBACKS["ProbeSweep"](make_module(), "s", **kwargs)
+
+
+def test_sweep_grids_take_tuples_and_tensors():
+    sweep = CALLBACKS["ProbeSweep"](
+        make_module(), "s", lrs=torch.tensor([0.01, 0.1], dtype=torch.float64), weight_decays=(0, 5e-4)
+    )
+    assert sweep.lrs == [0.01, 0.1] and all(type(v) is float for v in sweep.lrs + sweep.weight_decays)
+    assert sweep.head_labels == ["lr0.01_wd0", "lr0.01_wd0.0005", "lr0.1_wd0", "lr0.1_wd0.0005"]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "match"),
+    [
+        (
+            {"type": "AdamW", "lr": 1e-3},
+            r"sets 'lr'=0.001, but every head takes its own from the grid: pass "
+            r"lrs=\[0.001\]",
+        ),
+        ({"type": "SGD", "weight_decay": 1e-4}, r"sets 'weight_decay'=0.0001.*pass weight_decays=\[0.0001\]"),
+        (
+            {"type": "SGD", "betas": (0.9, 0.99)},
+            r"the SGD sweep takes no 'betas'; its optimizer dict accepts 'momentum'",
+        ),
+        ({"type": "AdamW", "momentum": 0.9}, r"the AdamW sweep takes no 'momentum'.* accepts 'betas', 'eps'"),
+        (
+            {"type": "LARS", "nesterov": True},
+            r"the LARS sweep takes no 'nesterov'.*'momentum', 'eta', 'clip_lr', 'eps'",
+        ),
+    ],
+)
+def test_sweep_optimizer_dict_errors(optimizer, match):
+    with pytest.raises(TypeError, match=r"ProbeSweep\(name='s'\): .*" + match):
+        CALLBACKS["ProbeSweep"](make_module(), "s", optimizer=optimizer)
