@@ -11,7 +11,14 @@ from torch import Tensor, nn
 
 from sslprobe._containers import CallbackModuleDict
 from sslprobe._run_length import run_length
-from sslprobe.optim.factories import OptimizerSpec, create_optimizer, create_scheduler, split_interval
+from sslprobe.optim.factories import (
+    OptimizerSpec,
+    check_optimizer_spec,
+    check_scheduler_spec,
+    create_optimizer,
+    create_scheduler,
+    split_interval,
+)
 
 __all__ = ["Module"]
 
@@ -72,6 +79,8 @@ class Module(pl.LightningModule):
             if key in _RESERVED:
                 raise ValueError(f"Module: {key!r} is reserved; give that attribute another name.")
         self._optim_spec, self._scheduler_spec, self._interval = self._split_optim(optim)
+        check_optimizer_spec(self._optim_spec, owner="Module")
+        check_scheduler_spec(self._scheduler_spec, owner="Module")
         self._forward_fn = forward
         self.callbacks_modules = CallbackModuleDict()
         self.callbacks_metrics = CallbackModuleDict()

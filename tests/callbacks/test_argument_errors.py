@@ -9,9 +9,10 @@ import torch
 import torchmetrics
 from torch import nn
 
+from sslprobe import Module
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep
 from sslprobe.probes import LinearProbe
-from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
+from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, forward, make_module, make_trainer
 
 CALLBACKS = {
     "OnlineProbe": lambda m, name, **kw: OnlineProbe(m, name, "embedding", "label", probe=nn.Linear(D_EMB, 3), **kw),
@@ -148,3 +149,37 @@ def test_sweep_grids_take_tuples_and_tensors():
 def test_sweep_optimizer_dict_errors(optimizer, match):
     with pytest.raises(TypeError, match=r"ProbeSweep\(name='s'\): .*" + match):
         CALLBACKS["ProbeSweep"](make_module(), "s", optimizer=optimizer)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"optimizer": {"type": "SGD", "betaz": 0.9}},
+            TypeError,
+            r"could not build SGD\(\{'betaz': 0.9\}\): it takes no keyword argument 'betaz'. It accepts: lr, momentum, "
+            r"dampening, weight_decay, nesterov",
+        ),
+        (
+            {"optimizer": {"type": "AdamW", "lr": 1e-3, "betaz": (0.9, 0.99)}},
+            TypeError,
+            r"AdamW.*no keyword argument 'betaz' \(did you mean 'betas'\?\). It accepts: lr, betas, eps",
+        ),
+        ({"optimizer": {"type": "LARS", "moment": 0.9}}, TypeError, r"'moment' \(did you mean 'momentum'\?\)"),
+        (
+            {"scheduler": {"type": "StepLR", "step": 2, "interval": "epoch"}},
+            TypeError,
+            r"StepLR.*no keyword argument 'step' \(did you mean 'step_size'\?\). It accepts: step_size, gamma",
+        ),
+        ({"optimizer": "Adamw2"}, ValueError, r"unknown optimizer 'Adamw2'. Did you mean 'AdamW'"),
+        ({"scheduler": "Cosine"}, ValueError, r"unknown scheduler 'Cosine'"),
+    ],
+)
+def test_probe_optimizer_and_scheduler_errors_come_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=r"OnlineProbe\(name='p'\): .*" + match):
+        CALLBACKS["OnlineProbe"](make_module(), "p", **kwargs)
+
+
+def test_the_main_optimizer_dict_is_checked_at_construction_too():
+    with pytest.raises(TypeError, match=r"Module: could not build SGD.*no keyword argument 'betaz'"):
+        Module(forward=forward, backbone=nn.Linear(2, 2), optim={"type": "SGD", "lr": 0.1, "betaz": 0.9})

@@ -23,7 +23,15 @@ from sslprobe._containers import CallbackModuleDict, is_reserved_key
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum, broadcast_, world_size
 from sslprobe._rng import PrivateRNG, needs_private_rng
 from sslprobe._run_length import run_length
-from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec, create_optimizer, create_scheduler, split_interval
+from sslprobe.optim.factories import (
+    OptimizerSpec,
+    SchedulerSpec,
+    check_optimizer_spec,
+    check_scheduler_spec,
+    create_optimizer,
+    create_scheduler,
+    split_interval,
+)
 from sslprobe.optim.stepper import Stepper
 
 __all__ = ["TrainableCallback"]
@@ -203,8 +211,8 @@ class TrainableCallback(Callback):
                 f"{owner}: scheduler must be None, a name, a dict with 'type', a scheduler class, a callable taking "
                 f"the optimizer, or a scheduler instance, got {type(scheduler).__name__}."
             )
-        if isinstance(scheduler, Mapping):
-            split_interval(scheduler, owner=owner)
+        check_optimizer_spec(optimizer, owner=owner)
+        check_scheduler_spec(scheduler, owner=owner)
         if isinstance(scheduler, LRScheduler) and scheduler.optimizer is not optimizer:
             raise ValueError(
                 f"{owner}: a scheduler instance must be bound to this probe's optimizer: pass that optimizer "
