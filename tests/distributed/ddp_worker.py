@@ -190,7 +190,8 @@ def scenario_spawn(args):
         model, "sweep", "embedding", "label", num_classes=NUM_CLASSES, lrs=[0.01, 0.1], weight_decays=[0.0]
     )
     knn = OnlineKNN(model, "knn", "embedding", "label", k=5, temperature=0.1)
-    t = trainer(args.accelerator, [probe, sweep, knn], max_epochs=2, strategy="ddp_spawn")
+    # With the sanity check, which evaluates (and so builds) the lazy probes before any training batch.
+    t = trainer(args.accelerator, [probe, sweep, knn], max_epochs=2, strategy="ddp_spawn", num_sanity_val_steps=2)
     t.fit(model, datamodule=ShardedData())
     return {
         "weights": weights(model),

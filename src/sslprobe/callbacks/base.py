@@ -289,6 +289,9 @@ class TrainableCallback(Callback):
         self.__dict__.pop("_buffer_cache", None)  # the module may have moved: its buffers are new tensors
         if has_uninitialized_params(module):
             return
+        if self._stepper is None and world_size() > 1:
+            # A lazy module may have been built since on_fit_start's broadcast, by the sanity check's evaluation.
+            broadcast_([*module.parameters(), *module.buffers()])
         stepper = self._ensure_stepper(trainer, module)
         stepper.to(stepper.params[0].device)
 

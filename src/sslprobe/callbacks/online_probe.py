@@ -781,7 +781,7 @@ class OnlineProbe(TrainableCallback):
 
     def _start_evaluation(self, pl_module: pl.LightningModule) -> None:
         probe = self.trainable_module(pl_module)
-        if world_size() > 1:
+        if world_size() > 1 and not has_uninitialized_params(probe):  # (a lazy probe in the sanity check has none)
             # Every rank then evaluates the same probe (the training windows' sums keep sum / count exact).
             all_reduce_mean_([b for b in probe.buffers() if b.is_floating_point()])
         for norm in self._feature_norms(probe):
