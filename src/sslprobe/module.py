@@ -36,7 +36,9 @@ class Module(pl.LightningModule):
     ``trainer.global_step`` still counts training batches, so ``max_steps`` ends the run.
 
     Probes and their metrics live in ``callbacks_modules`` and ``callbacks_metrics`` (two ``nn.ModuleDict``): part
-    of the ``state_dict``, moved with the module, never in the main optimizer.
+    of the ``state_dict``, moved with the module, but not among its ``parameters()``, ``buffers()`` and
+    ``modules()`` (see :class:`~sslprobe._containers.CallbackModuleDict`), so the main optimizer, ``freeze()`` and
+    weight averaging never touch them.
 
     Args:
         forward: ``forward(self, batch, stage) -> dict``, bound to the instance; or define ``forward`` in a subclass.
