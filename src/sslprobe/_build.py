@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import nn
 from sslprobe._imports import require
 from sslprobe._rng import PrivateRNG
 
-__all__ = ["ModuleSpec", "build_module", "has_uninitialized_params", "is_config"]
+__all__ = ["ModuleSpec", "build_module", "class_name", "has_uninitialized_params", "is_config"]
 
 #: A module, a zero-argument callable returning one, or a config with ``_target_``.
 ModuleSpec = nn.Module | Callable[[], nn.Module] | Mapping[str, Any]
@@ -59,6 +60,17 @@ def build_module(spec: ModuleSpec, rng: PrivateRNG, owner: str) -> nn.Module:
     """
     if isinstance(spec, nn.Module):
         return spec
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        required = _required_arguments(spec)
+        if required:
+            # A class is a callable, but one that needs arguments is a module the user meant to build.
+            example = ", ".join(f"{name}=..." for name in required)
+            name = class_name(spec)
+            raise TypeError(
+                f"{owner}: probe is the class {name}, not a module, and it needs arguments ({', '.join(required)}). "
+                f"Pass an instance, e.g. probe={name}({example}), or a factory, e.g. "
+                f"probe=functools.partial({name}, {example})."
+            )
     if is_config(spec):
         require("hydra", feature=f"{owner}: a probe given as a config with '_target_'")
         from hydra.utils import instantiate
@@ -76,3 +88,23 @@ def build_module(spec: ModuleSpec, rng: PrivateRNG, owner: str) -> nn.Module:
     if not isinstance(built, nn.Module):
         raise TypeError(f"{owner}: the probe factory returned {type(built).__name__}, expected an nn.Module.")
     return built
+
+
+def class_name(cls: type) -> str:
+    """How a user writes ``cls``: ``nn.Linear`` for a class of ``torch.nn``, else its name.
+
+    Examples:
+        >>> class_name(nn.CrossEntropyLoss), class_name(PrivateRNG)
+        ('nn.CrossEntropyLoss', 'PrivateRNG')
+    """
+    return f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn.") else cls.__name__
+
+
+def _required_arguments(cls: type) -> list[str]:
+    """The arguments ``cls(...)`` cannot do without (those without a default)."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.kind in kinds and p.default is inspect.Parameter.empty]

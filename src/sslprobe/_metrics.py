@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
+from sslprobe._containers import is_reserved_key
+
 __all__ = [
     "STAGE_KEY",
     "STAGE_PREFIX",
@@ -241,6 +243,11 @@ def _check_name(name: Any, owner: str) -> str:
         raise ValueError(
             f"{owner}: metric names must be non-empty strings without '.', got {name!r}. Rename it, e.g. 'top1'."
         )
+    if is_reserved_key(name):
+        raise ValueError(
+            f"{owner}: the metric name {name!r} is an attribute of nn.ModuleDict, where the metrics are stored, so it "
+            f"cannot name a metric. Rename it in metrics=, e.g. {{'{name}_top1': ...}}."
+        )
     return name
 
 
@@ -257,7 +264,7 @@ def _plain(spec: Any, owner: str) -> dict[str, Metric]:
     if spec is None:
         return {}
     if isinstance(spec, Metric):
-        return {snake_case(type(spec).__name__): spec}
+        return {_check_name(snake_case(type(spec).__name__), owner): spec}
     if isinstance(spec, MetricCollection):
         return {_check_name(k, owner): _check_metric(v, k, owner) for k, v in spec.items()}
     if isinstance(spec, Mapping):
@@ -271,7 +278,7 @@ def _plain(spec: Any, owner: str) -> dict[str, Metric]:
             while name in named:
                 n += 1
                 name = f"{base}_{n}"
-            named[name] = metric
+            named[_check_name(name, owner)] = metric
         return named
     raise TypeError(
         f"{owner}: metrics must be a torchmetrics.Metric, a list/tuple of them, a dict name -> Metric, or "
@@ -292,6 +299,14 @@ def normalize_metrics(spec: MetricsSpec, owner: str, default: dict[str, Metric] 
     """
     if spec is None:
         spec = default or {}
+    if isinstance(spec, Mapping) and not isinstance(spec, MetricCollection):
+        split, other = [k for k in spec if k in _SPLIT_KEYS], [k for k in spec if k not in _SPLIT_KEYS]
+        if split and other:
+            raise ValueError(
+                f"{owner}: metrics mixes the split keys {split} with other keys {other}. The split form takes only "
+                "'train' and 'val' ('val' also serves test): write {'train': ..., 'val': ...}; or, for metrics "
+                "tracked in every split, name none of them 'train' or 'val'."
+            )
     if isinstance(spec, Mapping) and not isinstance(spec, MetricCollection) and spec and set(spec) <= set(_SPLIT_KEYS):
         # Copies even here: the same object given for both sides must not mix training and eval batches.
         train = {name: copy.deepcopy(m) for name, m in _plain(spec.get("train"), owner).items()}

@@ -14,9 +14,16 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from sslprobe._containers import keep_probes_out_of_state_dict
+from sslprobe._containers import CallbackModuleDict, keep_probes_out_of_state_dict
 from sslprobe._run_length import run_length
-from sslprobe.optim.factories import OptimizerSpec, create_optimizer, create_scheduler, split_interval
+from sslprobe.optim.factories import (
+    OptimizerSpec,
+    check_optimizer_spec,
+    check_scheduler_spec,
+    create_optimizer,
+    create_scheduler,
+    split_interval,
+)
 
 __all__ = ["Module"]
 
@@ -35,7 +42,9 @@ class Module(pl.LightningModule):
     trains nothing, and the first one of each fit warns so.
 
     Probes and their metrics live in ``callbacks_modules`` and ``callbacks_metrics`` (two ``nn.ModuleDict``): part
-    of the ``state_dict``, moved with the module, never in the main optimizer.
+    of the ``state_dict``, moved with the module, but not among its ``parameters()``, ``buffers()`` and
+    ``modules()`` (see :class:`~sslprobe._containers.CallbackModuleDict`), so the main optimizer, ``freeze()`` and
+    weight averaging never touch them.
 
     ``hparams`` are saved as Lightning's ``save_hyperparameters(hparams)`` saves them: in ``model.hparams``, sent to
     the logger, and in the checkpoint's ``hyper_parameters``, so ``Module.load_from_checkpoint(path, forward=...,
@@ -97,9 +106,11 @@ class Module(pl.LightningModule):
                 )
         saved_hparams = _plain_hparams(hparams, arguments={"forward": forward, "optim": optim, **modules})
         self._optim_spec, self._scheduler_spec, self._interval = self._split_optim(optim)
+        check_optimizer_spec(self._optim_spec, owner="Module")
+        check_scheduler_spec(self._scheduler_spec, owner="Module")
         self._forward_fn = forward
-        self.callbacks_modules = nn.ModuleDict()
-        self.callbacks_metrics = nn.ModuleDict()
+        self.callbacks_modules = CallbackModuleDict()
+        self.callbacks_metrics = CallbackModuleDict()
         keep_probes_out_of_state_dict(self)  # a checkpoint of the model loads into it built without probes
         for key, value in modules.items():
             setattr(self, key, value)

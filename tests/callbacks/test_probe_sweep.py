@@ -142,3 +142,20 @@ def test_lars_heads_train_like_the_default_lars_probe():
             opt.step()
         torch.testing.assert_close(bank.weight[h], probe.linear.weight, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(bank.bias[h], probe.linear.bias, rtol=1e-4, atol=1e-6)
+
+
+def test_the_sweep_pickles_and_its_copy_builds_the_same_optimizer():
+    import io
+
+    sweep = ProbeSweep(
+        make_module(), "s", "embedding", "label", num_classes=NUM_CLASSES, lrs=[0.01, 0.1], optimizer={"type": "SGD"}
+    )
+    buffer = io.BytesIO()
+    torch.save(sweep, buffer)  # ddp_spawn pickles the Trainer's callbacks the same way
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.head_labels == sweep.head_labels and loaded.grid == sweep.grid
+    bank = [torch.nn.Parameter(torch.zeros(4, NUM_CLASSES, 8)), torch.nn.Parameter(torch.zeros(4, NUM_CLASSES))]
+    built = loaded.optimizer(bank)
+    assert built.defaults["kind"] == "SGD" and built.defaults["lrs"].tolist() == [0.01, 0.01, 0.1, 0.1]
+    assert [group["decay"] for group in built.param_groups] == [True, False]

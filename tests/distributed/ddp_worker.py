@@ -238,6 +238,47 @@ def scenario_refit(args):
     return {"per_step": tally.per_step, "per_validation": tally.per_validation, "fits": fits.fits}
 
 
+def scenario_spawn(args):
+    """strategy="ddp_spawn": the Trainer, the module and the callbacks are pickled into 2 new processes.
+
+    A lazy LinearProbe, a ProbeSweep and an OnlineKNN; the main process gets back rank 0's weights and metrics.
+    """
+    from sslprobe import LinearProbe
+
+    model = build_module(trainable=True)
+    probe = OnlineProbe(model, "linear", "embedding", "label", probe=LinearProbe(NUM_CLASSES))
+    sweep = ProbeSweep(
+        model, "sweep", "embedding", "label", num_classes=NUM_CLASSES, lrs=[0.01, 0.1], weight_decays=[0.0]
+    )
+    knn = OnlineKNN(model, "knn", "embedding", "label", k=5, temperature=0.1)
+    # With the sanity check, which evaluates (and so builds) the lazy probes before any training batch.
+    t = trainer(args.accelerator, [probe, sweep, knn], max_epochs=2, strategy="ddp_spawn", num_sanity_val_steps=2)
+    t.fit(model, datamodule=ShardedData())
+    return {
+        "weights": weights(model),
+        "metrics": {k: float(v) for k, v in t.callback_metrics.items()},
+        "world_size": t.world_size,
+        "main_process_initialized": dist.is_initialized(),
+    }
+
+
+def scenario_freeze(args):
+    """``model.freeze()`` before fit under DDP: the main model has nothing to train, the probes still train."""
+    model = build_module(trainable=False)
+    probe = linear_probe(model, optimizer={"type": "SGD", "lr": 0.1})
+    model.freeze()
+    before = Before()
+    after = After(before)
+    t = trainer(args.accelerator, [before, probe, after], max_steps=6)
+    t.fit(model, datamodule=ShardedData())
+    return {
+        "weights": weights(model),
+        "max_diff": after.max_diff,
+        "steps": probe.stepper.steps,
+        "backbone_frozen": not any(p.requires_grad for p in model.backbone.parameters()),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")
@@ -251,6 +292,8 @@ def main():
     scenarios["fsdp"] = scenario_fsdp
     scenarios["poison"] = scenario_poison
     scenarios["refit"] = scenario_refit
+    scenarios["spawn"] = scenario_spawn
+    scenarios["freeze"] = scenario_freeze
     result = scenarios[args.scenario](args)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(result, args.out)

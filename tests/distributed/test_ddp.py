@@ -11,13 +11,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
-from sslprobe.callbacks import RefitProbe
+from sslprobe.callbacks import OnlineProbe, RefitProbe
 from sslprobe.probes.knn import knn_predict
 from sslprobe.probes.linear_bank import LinearHeadBank
 from sslprobe.probes.ridge import DEFAULT_LAMBDAS, RidgeStatistics, fit_ridge
 from tests.callbacks.test_refit_probe import ResumableBatches, batches_of
-from tests.conftest import make_trainer, make_xy
+from tests.conftest import DictDataset, make_trainer, make_xy
 from tests.distributed.common import NUM_CLASSES, build_module, linear_probe, loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -219,3 +220,68 @@ def test_a_two_process_checkpoint_resumed_mid_epoch_refits_as_the_uninterrupted_
         assert refit.last_fit.rows == 48
         torch.testing.assert_close(refit.last_fit.weight, last["weight"], rtol=1e-9, atol=1e-12)
         assert logged == pytest.approx({k: last[k] for k in logged})
+
+
+def test_ddp_spawn_pickles_lazy_probes_a_sweep_and_a_knn_and_logs_the_right_numbers(tmp_path):
+    from sslprobe.probes import LinearProbe
+    from sslprobe.probes.linear_bank import LinearHeadBank
+
+    result = run_worker("spawn", tmp_path / "spawn.pt")
+    assert result["world_size"] == 2 and not result["main_process_initialized"]  # it ran in 2 new processes
+    metrics, weights = result["metrics"], result["weights"]
+    model = build_module(trainable=True)  # lr 0: the backbone the workers had
+    x_va, y_va = make_xy(24, seed=1)
+    x_tr, y_tr = make_xy(48)
+
+    def offline(probe: nn.Module) -> torch.Tensor:
+        """Top-1 of ``probe`` (a fresh evaluation) over the validation set, in the global batches of 8 of 2 ranks."""
+        probe.train().eval()
+        with torch.no_grad():
+            preds = torch.cat([probe(model.backbone(x)) for x in x_va.split(8)], dim=-2)  # (..., 24, C)
+        return (preds.argmax(-1) == y_va).float().mean(-1)
+
+    # The lazy probe came back to the main process built (16 -> 3) and trained as one process would: each rank's
+    # 4 rows normalised with their own statistics, the step on the mean gradient of both ranks' batches.
+    linear = LinearProbe(NUM_CLASSES, in_features=16)
+    linear.load_state_dict({k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith("linear.")})
+    reference = build_module(trainable=True)
+    probe = OnlineProbe(
+        reference, "linear", "embedding", "label", probe=LinearProbe(NUM_CLASSES), accumulate_grad_batches=2
+    )
+    order = [i for start in range(0, 48, 8) for rank in (0, 1) for i in range(start + rank, start + 8, 2)]
+    by_rank = DataLoader(Subset(DictDataset(x_tr, y_tr), order), batch_size=4)
+    one = make_trainer(max_epochs=2, callbacks=[probe])
+    one.fit(reference, by_rank, loader(24, batch_size=8, seed=1))
+    for key in ("linear.weight", "linear.bias"):
+        torch.testing.assert_close(weights[f"linear.{key}"], reference.callbacks_modules["linear"].state_dict()[key])
+    assert metrics["train/linear_top1"] > 0.9
+    assert metrics["eval/linear_top1"] == pytest.approx(float(offline(linear)))
+    assert metrics["eval/linear_top1"] == pytest.approx(float(one.callback_metrics["eval/linear_top1"]))
+
+    # The sweep's best head and every head are logged with the numbers of the weights it came back with.
+    bank = LinearHeadBank(2, NUM_CLASSES, in_features=16)
+    bank.norm.load_state_dict({k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith("sweep.norm.")})
+    with torch.no_grad():
+        bank.weight.copy_(weights["sweep.weight"])  # (H, C, D), as saved (a plain dict carries no layout version)
+        bank.bias.copy_(weights["sweep.bias"])
+    heads = offline(bank)
+    assert metrics["train/sweep_top1"] > 0.9
+    assert metrics["eval/sweep_top1"] == pytest.approx(float(heads.max()))
+    assert metrics["eval/sweep_lr0.01_wd0_top1"] == pytest.approx(float(heads[0]))
+    assert metrics["eval/sweep_lr0.1_wd0_top1"] == pytest.approx(float(heads[1]))
+
+    # The kNN voted over both processes' training rows.
+    with torch.no_grad():
+        knn = knn_predict(model.backbone(x_va), model.backbone(x_tr), y_tr, NUM_CLASSES, k=5, temperature=0.1)
+    assert metrics["eval/knn_top1"] == pytest.approx((knn.argmax(1) == y_va).float().mean().item())
+
+
+def test_freeze_before_fit_under_ddp_trains_the_probes(tmp_path):
+    result = run_worker("freeze", tmp_path / "freeze.pt")
+    assert result["backbone_frozen"] and result["steps"] == 6
+    assert result["max_diff"] == 0.0
+    model = build_module(trainable=False)
+    probe = linear_probe(model, optimizer={"type": "SGD", "lr": 0.1})
+    make_trainer(max_steps=6, callbacks=[probe]).fit(model, loader(48, batch_size=8))
+    for key, value in model.callbacks_modules["linear"].state_dict().items():
+        torch.testing.assert_close(result["weights"][f"linear.{key}"], value, rtol=1e-5, atol=1e-6)

@@ -121,3 +121,19 @@ def test_linear_probe_flattens_features_of_more_dimensions(shape):
     assert probe(x).shape == (6, 3)
     assert probe.in_features == x[0].numel()
     assert probe.eval()(x).shape == (6, 3)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_lazy_probe_copies_before_its_first_batch(how):
+    import copy
+    import pickle
+
+    probe = LinearProbe(num_classes=3)
+    copied = copy.deepcopy(probe) if how == "deepcopy" else pickle.loads(pickle.dumps(probe))
+    assert copied.in_features is None and copied.norm.in_features is None  # it waits for its own first batch
+    copied(torch.randn(4, 5))
+    assert copied.in_features == copied.norm.in_features == 5
+    assert probe.in_features is None and probe.norm.in_features is None  # the original is untouched
+    probe(torch.randn(4, 7))
+    assert probe.norm.running_mean.shape == (7,) and copied.norm.running_mean.shape == (5,)
+    assert copy.deepcopy(probe).norm.running_mean.shape == (7,)

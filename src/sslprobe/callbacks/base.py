@@ -19,11 +19,19 @@ from torch.optim.lr_scheduler import LRScheduler
 from typing_extensions import override
 
 from sslprobe._build import ModuleSpec, build_module, has_uninitialized_params
-from sslprobe._containers import ensure_containers
+from sslprobe._containers import WITH_PROBES, CallbackModuleDict, ensure_containers, is_reserved_key
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum, broadcast_, world_size
 from sslprobe._rng import PrivateRNG, needs_private_rng
 from sslprobe._run_length import run_length
-from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec, create_optimizer, create_scheduler, split_interval
+from sslprobe.optim.factories import (
+    OptimizerSpec,
+    SchedulerSpec,
+    check_optimizer_spec,
+    check_scheduler_spec,
+    create_optimizer,
+    create_scheduler,
+    split_interval,
+)
 from sslprobe.optim.stepper import Stepper
 
 __all__ = ["TrainableCallback", "ensure_containers"]
@@ -79,6 +87,11 @@ def check_name(name: Any, cls: str) -> str:
         raise TypeError(f"{cls}: name is required: a unique id used in log names and checkpoints, e.g. name='linear'.")
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"{cls}: name must be a non-empty string without '.', got {name!r}. Use e.g. name='linear'.")
+    if is_reserved_key(name):
+        raise ValueError(
+            f"{cls}(name={name!r}): the name {name!r} is an attribute of nn.ModuleDict, where the probe is stored "
+            f"(module.callbacks_modules[name]), so it cannot be a probe's name. Use another, e.g. name='{name}_probe'."
+        )
     return name
 
 
@@ -213,8 +226,8 @@ class TrainableCallback(Callback):
                 f"{owner}: scheduler must be None, a name, a dict with 'type', a scheduler class, a callable taking "
                 f"the optimizer, or a scheduler instance, got {type(scheduler).__name__}."
             )
-        if isinstance(scheduler, Mapping):
-            split_interval(scheduler, owner=owner)
+        check_optimizer_spec(optimizer, owner=owner)
+        check_scheduler_spec(scheduler, owner=owner)
         if isinstance(scheduler, LRScheduler) and scheduler.optimizer is not optimizer:
             raise ValueError(
                 f"{owner}: a scheduler instance must be bound to this probe's optimizer: pass that optimizer "
@@ -294,6 +307,9 @@ class TrainableCallback(Callback):
         self.__dict__.pop("_buffer_cache", None)  # the module may have moved: its buffers are new tensors
         if has_uninitialized_params(module):
             return
+        if self._stepper is None and world_size() > 1:
+            # A lazy module may have been built since on_fit_start's broadcast, by the sanity check's evaluation.
+            broadcast_([*module.parameters(), *module.buffers()])
         stepper = self._ensure_stepper(trainer, module)
         stepper.to(stepper.params[0].device)
 
@@ -357,6 +373,14 @@ class TrainableCallback(Callback):
         state = dict(self._stepper.state_dict()) if self._stepper is not None else dict(self._parked_state or {})
         state["rng"] = self._rng.state_dict()
         return state
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """In a process that ``ddp_spawn`` started, let the model's state carry the probes back to the main process."""
+        # Lightning returns a spawned run's weights as the model's state_dict, which otherwise leaves probes out: the
+        # main process's model (a notebook's) would keep its untrained probes for the next fit or validate.
+        if type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher":
+            pl_module.__dict__[WITH_PROBES] = True
 
     @override
     def on_save_checkpoint(
@@ -500,6 +524,8 @@ class TrainableCallback(Callback):
                     f"{self._owner}: under DDP with a frozen main model the probe cannot be lazy. Give its input "
                     "size (e.g. LinearProbe(num_classes, in_features=D) or nn.Linear(D, C))."
                 )
+            if isinstance(pl_module.callbacks_modules, CallbackModuleDict):
+                pl_module.callbacks_modules.listed_in_parent = True  # so that DDP sees them
             return
         prefix = f"callbacks_modules.{self.name}."
         names = [prefix + n for n, _ in module.named_parameters()] + [prefix + n for n, _ in module.named_buffers()]

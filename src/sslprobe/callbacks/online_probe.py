@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from sslprobe._batch import Locator, check_locator, features_of, target_of
-from sslprobe._build import ModuleSpec, has_uninitialized_params
+from sslprobe._build import ModuleSpec, class_name, has_uninitialized_params
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum_, world_size
 from sslprobe._metrics import (
     STAGE_KEY,
@@ -157,6 +157,11 @@ class OnlineProbe(TrainableCallback):
             raise TypeError(f"{owner}: cuda_graph must be None (when possible), True or False, got {cuda_graph!r}.")
         input = check_locator(input, "input", owner)
         target = check_locator(target, "target", owner)
+        if isinstance(loss_fn, type):
+            raise TypeError(
+                f"{owner}: loss_fn is the class {class_name(loss_fn)}, not a loss: it would be called with (preds, "
+                f"target) as its constructor arguments. Pass an instance, e.g. loss_fn={class_name(loss_fn)}()."
+            )
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(
                 f"{owner}: loss_fn must be callable (preds, target) -> Tensor, got {type(loss_fn).__name__}."
@@ -773,7 +778,7 @@ class OnlineProbe(TrainableCallback):
 
     def _start_evaluation(self, pl_module: pl.LightningModule) -> None:
         probe = self.trainable_module(pl_module)
-        if world_size() > 1:
+        if world_size() > 1 and not has_uninitialized_params(probe):  # (a lazy probe in the sanity check has none)
             # Every rank then evaluates the same probe (the training windows' sums keep sum / count exact).
             all_reduce_mean_([b for b in probe.buffers() if b.is_floating_point()])
         for norm in self._feature_norms(probe):
@@ -783,9 +788,13 @@ class OnlineProbe(TrainableCallback):
 
     def _end_evaluation(self, pl_module: pl.LightningModule) -> None:
         # Outside an evaluation that every rank runs, a probe called on one rank alone must not wait for the others.
-        for norm in self._feature_norms(self.trainable_module(pl_module)):
+        probe = self.trainable_module(pl_module)
+        for norm in self._feature_norms(probe):
             norm._reduce = None
             norm.frozen_eval = False
+        # Back in training mode, as Lightning puts the model's own modules back after an evaluation: it does not see
+        # the probe (not among the model's modules()), which would otherwise stay in eval mode until its next batch.
+        probe.train()
 
     def _feature_norms(self, probe: nn.Module) -> list[FeatureNorm]:
         """The probe's FeatureNorm layers (found once per probe)."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+import functools
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,6 +42,8 @@ _DEFAULT_LRS = {
     "LARS": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0),
 }
 _DEFAULT_WEIGHT_DECAYS = (0.0, 5e-4)
+# What the heads of each kind of sweep share (SweepOptimizer's arguments besides the per-head lrs/weight decays).
+_SHARED_KWARGS = {"AdamW": ("betas", "eps"), "SGD": ("momentum",), "LARS": ("momentum", "eta", "clip_lr", "eps")}
 
 
 class HeadsTop1(InPlaceReset):
@@ -97,6 +102,58 @@ class PerHead(nn.Module):
 
 def _label(value: float) -> str:
     return f"{value:g}"
+
+
+def _grid_values(values: Any, arg: str, owner: str) -> list[float]:
+    """``values`` of the ``lrs`` or ``weight_decays`` grid as floats, checked: finite, distinct, > 0 (lrs), >= 0."""
+    example = "lrs=[1e-3, 1e-2]" if arg == "lrs" else "weight_decays=[0.0, 5e-4]"
+    if isinstance(values, numbers.Number) or (isinstance(values, Tensor) and values.ndim == 0):
+        raise TypeError(
+            f"{owner}: {arg} must be a list of numbers, got the single number {values!r}. Give a list even for one "
+            f"value: {arg}=[{values!r}]."
+        )
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise TypeError(
+            f"{owner}: {arg} must be a list of numbers, got {values!r} ({type(values).__name__}). Use e.g. {example}."
+        )
+    floats = []
+    for i, value in enumerate(values):
+        if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"{owner}: {arg} must hold numbers, got {value!r} ({type(value).__name__}) at index {i}. Use e.g. "
+                f"{example}."
+            )
+        value = float(value)
+        if not math.isfinite(value) or value < 0 or (arg == "lrs" and value == 0):
+            raise ValueError(
+                f"{owner}: learning rates must be > 0 and weight decays >= 0, all finite; {arg} holds {value!r} at "
+                f"index {i}. Use e.g. {example}."
+            )
+        floats.append(value)
+    if not floats:
+        raise ValueError(
+            f"{owner}: lrs and weight_decays must each hold at least one value; {arg} is empty. Use e.g. {example}, "
+            "or None for the default."
+        )
+    repeated = sorted({v for v in floats if floats.count(v) > 1})
+    if repeated:
+        raise ValueError(
+            f"{owner}: {arg} holds {', '.join(map(_label, repeated))} more than once; every head of the grid needs its "
+            "own value (and log name). Give each value once."
+        )
+    return floats
+
+
+def build_sweep_optimizer(
+    params: list[nn.Parameter], *, lrs: list[float], weight_decays: list[float], kind: str, **shared: Any
+) -> SweepOptimizer:
+    """The :class:`SweepOptimizer` of a bank's parameters: the weights ``(H, C, D)`` decay, the biases do not."""
+    weights = [p for p in params if p.ndim == 3]
+    biases = [p for p in params if p.ndim != 3]
+    groups = [{"params": weights}, {"params": biases, "decay": False, "adapt": False}]
+    return SweepOptimizer([g for g in groups if g["params"]], lrs=lrs, weight_decays=weight_decays, kind=kind, **shared)
 
 
 class ProbeSweep(OnlineProbe):
@@ -159,28 +216,22 @@ class ProbeSweep(OnlineProbe):
         name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
         kind, shared = self._parse_optimizer(optimizer, owner)
-        lrs = list(_DEFAULT_LRS[kind] if lrs is None else lrs)
-        weight_decays = list(_DEFAULT_WEIGHT_DECAYS if weight_decays is None else weight_decays)
-        if not lrs or not weight_decays:
-            raise ValueError(f"{owner}: lrs and weight_decays must each hold at least one value.")
-        if any(lr <= 0 for lr in lrs) or any(wd < 0 for wd in weight_decays):
-            raise ValueError(f"{owner}: learning rates must be > 0 and weight decays >= 0, got {lrs}, {weight_decays}.")
+        lrs = _grid_values(_DEFAULT_LRS[kind] if lrs is None else lrs, "lrs", owner)
+        weight_decays = _grid_values(
+            _DEFAULT_WEIGHT_DECAYS if weight_decays is None else weight_decays, "weight_decays", owner
+        )
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"{owner}: num_classes must be a positive int, got {num_classes!r}.")
         grid = [(lr, wd) for lr in lrs for wd in weight_decays]
         num_heads = len(grid)
-
-        def build_optimizer(params: list[nn.Parameter]) -> SweepOptimizer:
-            weights = [p for p in params if p.ndim == 3]
-            biases = [p for p in params if p.ndim != 3]
-            groups = [{"params": weights}, {"params": biases, "decay": False, "adapt": False}]
-            return SweepOptimizer(
-                [g for g in groups if g["params"]],
-                lrs=[lr for lr, _ in grid],
-                weight_decays=[wd for _, wd in grid],
-                kind=kind,
-                **shared,
-            )
+        # A partial of a module-level function, not a closure: the callback pickles (ddp_spawn, torch.save).
+        build_optimizer = functools.partial(
+            build_sweep_optimizer,
+            lrs=[lr for lr, _ in grid],
+            weight_decays=[wd for _, wd in grid],
+            kind=kind,
+            **shared,
+        )
 
         self.lrs, self.weight_decays, self.num_classes = lrs, weight_decays, num_classes
         self.grid = grid
@@ -230,7 +281,22 @@ class ProbeSweep(OnlineProbe):
         matches = [k for k in _ALLOWED_KINDS if k.lower() == str(kind).lower()]
         if not matches:
             raise ValueError(f"{owner}: optimizer must be one of {_ALLOWED_KINDS}, got {kind!r}.")
-        return matches[0], shared
+        kind = matches[0]
+        for key, grid in (("lr", "lrs"), ("lrs", "lrs"), ("weight_decay", "weight_decays")):
+            if key in shared:
+                raise TypeError(
+                    f"{owner}: the optimizer dict sets {key!r}={shared[key]!r}, but every head takes its own from "
+                    f"the grid: pass {grid}=[{shared[key]!r}] (or several values) instead, and leave {key!r} out of "
+                    "optimizer=."
+                )
+        unknown = sorted(set(shared) - set(_SHARED_KWARGS[kind]))
+        if unknown:
+            raise TypeError(
+                f"{owner}: the {kind} sweep takes no {', '.join(map(repr, unknown))}; its optimizer dict accepts "
+                f"{', '.join(map(repr, _SHARED_KWARGS[kind]))} (all heads share them; lr and weight decay come from "
+                "lrs= and weight_decays=)."
+            )
+        return kind, shared
 
     @override
     def _build_scheduler(self, trainer: pl.Trainer, optimizer: Any) -> tuple[Any, str]:

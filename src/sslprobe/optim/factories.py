@@ -20,6 +20,8 @@ __all__ = [
     "DEFAULT_PROBE_LARS",
     "OptimizerSpec",
     "SchedulerSpec",
+    "check_optimizer_spec",
+    "check_scheduler_spec",
     "create_optimizer",
     "create_scheduler",
     "optimizer_classes",
@@ -139,7 +141,80 @@ def _accepts(cls: type, name: str) -> bool:
         return False
 
 
+def _check_kwargs(cls: type, kwargs: Mapping[str, Any], skip: tuple[str, ...], owner: str) -> None:
+    """Raise for a keyword argument that ``cls`` does not take, listing those it does (and close names)."""
+    try:
+        parameters = list(inspect.signature(cls.__init__).parameters.values())
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return  # a class taking **kwargs checks them itself
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = [p.name for p in parameters[1:] if p.kind in kinds and p.name not in skip]
+    unknown = [key for key in kwargs if key not in accepted]
+    if not unknown:
+        return
+    close = {key: difflib.get_close_matches(key, accepted, n=1, cutoff=0.6) for key in unknown}
+    hints = [f"{key!r} (did you mean {match[0]!r}?)" if match else repr(key) for key, match in close.items()]
+    raise TypeError(
+        f"{owner}: could not build {cls.__name__}({dict(kwargs)}): it takes no keyword argument {', '.join(hints)}. "
+        f"It accepts: {', '.join(accepted)}."
+    )
+
+
+def check_optimizer_spec(spec: OptimizerSpec, *, owner: str = "sslprobe") -> None:
+    """Check a name or dict optimizer spec before anything is built: a known name, and arguments its class takes.
+
+    Examples:
+        >>> check_optimizer_spec({"type": "SGD", "lr": 0.1, "momentum": 0.9})
+        >>> check_optimizer_spec({"type": "SGD", "betas": (0.9, 0.99)})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        TypeError: sslprobe: could not build SGD({'betas': (0.9, 0.99)}): it takes no keyword argument 'betas'. ...
+    """
+    if isinstance(spec, str):
+        _lookup(spec, optimizer_classes(), "optimizer", owner)
+    elif isinstance(spec, Mapping):
+        kwargs = dict(spec)
+        kind = kwargs.pop("type", None)
+        if kind is None:
+            raise ValueError(
+                f"{owner}: an optimizer dict needs a 'type' key, got keys {sorted(kwargs)}. "
+                "Write it as {'type': 'AdamW', 'lr': 1e-3}."
+            )
+        cls = _lookup(kind, optimizer_classes(), "optimizer", owner) if isinstance(kind, str) else kind
+        if isinstance(cls, type):
+            _check_kwargs(cls, kwargs, ("params",), owner)
+
+
+def check_scheduler_spec(spec: SchedulerSpec, *, owner: str = "sslprobe") -> None:
+    """Check a name or dict scheduler spec before anything is built: a known name, and arguments its class takes.
+
+    Examples:
+        >>> check_scheduler_spec({"type": "StepLR", "step_size": 2, "interval": "epoch"})
+        >>> check_scheduler_spec({"type": "StepLR", "step": 2})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+            ...
+        TypeError: sslprobe: could not build StepLR({'step': 2}): it takes no keyword argument 'step' (did you ...
+    """
+    if isinstance(spec, str):
+        _lookup(spec, scheduler_classes(), "scheduler", owner)
+    elif isinstance(spec, Mapping):
+        kwargs, _ = split_interval(spec, owner=owner)
+        kwargs = dict(kwargs)  # type: ignore[arg-type]  # split_interval returns a mapping for a mapping
+        kind = kwargs.pop("type", None)
+        if kind is None:
+            raise ValueError(
+                f"{owner}: a scheduler dict needs a 'type' key, got keys {sorted(kwargs)}. "
+                "Write it as {'type': 'CosineAnnealingLR', 'interval': 'step'}."
+            )
+        cls = _lookup(kind, scheduler_classes(), "scheduler", owner) if isinstance(kind, str) else kind
+        if isinstance(cls, type):
+            _check_kwargs(cls, kwargs, ("optimizer",), owner)
+
+
 def _build_optimizer(cls: type[Optimizer], params: list[nn.Parameter], kwargs: dict[str, Any], owner: str) -> Optimizer:
+    _check_kwargs(cls, kwargs, ("params",), owner)
     kwargs = dict(kwargs)
     if cls is LARS:
         kwargs = {**DEFAULT_PROBE_LARS, **kwargs}
@@ -337,6 +412,7 @@ def create_scheduler(
             f"{owner}: ReduceLROnPlateau needs a monitored metric, which a probe's own scheduler does not have. "
             "Use a step-based schedule such as 'CosineAnnealingLR' or 'StepLR'."
         )
+    _check_kwargs(cls, kwargs, ("optimizer",), owner)
     kwargs = {**_scheduler_defaults(cls, optimizer, total), **kwargs}
     try:
         return cls(optimizer, **kwargs)

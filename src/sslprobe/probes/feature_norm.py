@@ -16,6 +16,19 @@ _ALLOWED_EVAL_STATS = ("eval", "train")
 _MOMENTS = ("train_moments", "eval_moments")  # float64 [count, sum (D), sum of squares (D)]
 
 
+class _LazyBuffer(UninitializedBuffer):
+    """torch's ``UninitializedBuffer`` that ``copy.deepcopy`` can copy (torch's own refuses, as a tensor operation).
+
+    A copy is a new buffer waiting for its own first batch, as ``UninitializedParameter`` copies are; so a model
+    holding a lazy probe can be deep-copied (``copy.deepcopy``, weight averaging, ``ddp_spawn``) before training.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _LazyBuffer:
+        if id(self) not in memo:
+            memo[id(self)] = type(self)(self.requires_grad, self.data.device, self.data.dtype)
+        return memo[id(self)]
+
+
 class FeatureNorm(nn.modules.lazy.LazyModuleMixin, nn.Module):
     """Normalise features ``(B, D)`` without learned affine: batch statistics in training, exact ones in evaluation.
 
@@ -80,7 +93,7 @@ class FeatureNorm(nn.modules.lazy.LazyModuleMixin, nn.Module):
         self._reduce: Callable[[list[Tensor]], None] | None = None
         if in_features is None:
             for name in ("running_mean", "running_var", *_MOMENTS):
-                self.register_buffer(name, UninitializedBuffer(), persistent=name != "eval_moments")
+                self.register_buffer(name, _LazyBuffer(), persistent=name != "eval_moments")
         else:
             self._make_buffers(in_features, torch.get_default_dtype(), None)
 
