@@ -189,7 +189,9 @@ class ProbeSweep(OnlineProbe):
             sweeps run eagerly.
 
     Raises:
-        ValueError: for an empty grid, a non-positive learning rate or an unknown optimizer.
+        ValueError: for an empty grid, a repeated, non-finite or non-positive value in it, or an unknown optimizer.
+        TypeError: for a grid that is not a list of numbers, or an optimizer dict with ``lr``/``weight_decay`` or a
+            keyword its kind does not take.
 
     Examples:
         >>> import torch
@@ -284,10 +286,11 @@ class ProbeSweep(OnlineProbe):
         kind = matches[0]
         for key, grid in (("lr", "lrs"), ("lrs", "lrs"), ("weight_decay", "weight_decays")):
             if key in shared:
+                value = shared[key]
+                values = repr(list(value)) if isinstance(value, (list, tuple)) else f"[{value!r}]"
                 raise TypeError(
-                    f"{owner}: the optimizer dict sets {key!r}={shared[key]!r}, but every head takes its own from "
-                    f"the grid: pass {grid}=[{shared[key]!r}] (or several values) instead, and leave {key!r} out of "
-                    "optimizer=."
+                    f"{owner}: the optimizer dict sets {key!r}={value!r}, but every head takes its own from the grid: "
+                    f"pass {grid}={values} (or several values) instead, and leave {key!r} out of optimizer=."
                 )
         unknown = sorted(set(shared) - set(_SHARED_KWARGS[kind]))
         if unknown:
