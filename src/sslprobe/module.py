@@ -41,10 +41,11 @@ class Module(pl.LightningModule):
     ``trainer.global_step`` still counts training batches, so ``max_steps`` ends the run. A ``"loss"`` returned then
     trains nothing, and the first one of each fit warns so.
 
-    Probes and their metrics live in ``callbacks_modules`` and ``callbacks_metrics`` (two ``nn.ModuleDict``): part
-    of the ``state_dict``, moved with the module, but not among its ``parameters()``, ``buffers()`` and
-    ``modules()`` (see :class:`~sslprobe._containers.CallbackModuleDict`), so the main optimizer, ``freeze()`` and
-    weight averaging never touch them.
+    Probes and their metrics live in ``callbacks_modules`` and ``callbacks_metrics`` (two ``nn.ModuleDict``): moved
+    with the module, but not among its ``parameters()``, ``buffers()`` and ``modules()`` (see
+    :class:`~sslprobe._containers.CallbackModuleDict`), so the main optimizer, ``freeze()`` and weight averaging
+    never touch them, and not in its ``state_dict`` (a checkpoint of the model loads into it built without probes;
+    each probe's weights travel in its callback's checkpoint state).
 
     ``hparams`` are saved as Lightning's ``save_hyperparameters(hparams)`` saves them: in ``model.hparams``, sent to
     the logger, and in the checkpoint's ``hyper_parameters``, so ``Module.load_from_checkpoint(path, forward=...,
