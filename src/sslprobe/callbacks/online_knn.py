@@ -9,7 +9,6 @@ from typing import Any, NamedTuple
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -26,13 +25,12 @@ from sslprobe._metrics import (
     normalize_metrics,
 )
 from sslprobe.callbacks.base import (
-    cached_state_key,
     check_module,
     check_name,
     check_name_free,
     ensure_containers,
-    is_bound,
 )
+from sslprobe.callbacks.evaluation import EvaluationCallback
 from sslprobe.probes.knn import ALLOWED_DISTANCES, Distance, knn_predict
 
 __all__ = ["OnlineKNN"]
@@ -54,7 +52,7 @@ class _EvalBank(NamedTuple):
     widen: bool  # whether eval labels beyond the width widen the scores (width inferred from labels only)
 
 
-class OnlineKNN(Callback):
+class OnlineKNN(EvaluationCallback):
     """Weighted kNN accuracy of the current representation, with no training at all.
 
     During training it keeps the most recent labelled features in a bounded bank (a ring buffer of ``queue_size``
@@ -190,11 +188,6 @@ class OnlineKNN(Callback):
             self._bind(module)
 
     @property
-    @override
-    def state_key(self) -> str:
-        return cached_state_key(self)
-
-    @property
     def bank_size(self) -> int:
         """Rows of this process's bank that an evaluation uses (at most one epoch of usable samples; one sync)."""
         return self._window()[0]
@@ -205,13 +198,6 @@ class OnlineKNN(Callback):
         filled, this, last, ptr = torch.stack([c.to(self._filled.device) for c in counters]).tolist()
         per_epoch = last or this
         return (min(filled, per_epoch) if per_epoch else filled), ptr
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Bind to the Trainer's module if not yet; start a new run (each warning is given once per run)."""
-        if self._binds_at_setup and not is_bound(self.name, pl_module):
-            self._bind(pl_module)
-        self._warned = set()
 
     def _bind(self, module: nn.Module) -> None:
         """Register this kNN's metrics in ``module.callbacks_metrics[name]``."""
@@ -349,43 +335,6 @@ class OnlineKNN(Callback):
                 best = (key, width)
         return best
 
-    @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Gather the banks of all processes (one collective per validation)."""
-        self._start_eval(trainer, pl_module, "val")
-
-    @override
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Gather the banks of all processes."""
-        self._start_eval(trainer, pl_module, "test")
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Classify the batch against the bank and update that loader's eval metrics."""
-        if not trainer.sanity_checking:
-            self._evaluate(pl_module, outputs, batch, "val", dataloader_idx)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Classify the batch against the bank and update that loader's test metrics."""
-        self._evaluate(pl_module, outputs, batch, "test", dataloader_idx)
-
     def _evaluate(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
         bank = self._eval_bank
         if bank is None:
@@ -422,16 +371,6 @@ class OnlineKNN(Callback):
             scores = F.pad(scores, (0, top + 1 - bank.num_classes))  # no bank row has these classes: zero votes
         for metric in loader_metrics(pl_module.callbacks_metrics[self.name], split, loader).values():
             metric.update(scores, labels)
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log ``eval/{name}_top1`` and the other metrics (per loader when there are several)."""
-        self._log(pl_module, "val", skip=trainer.sanity_checking)
-
-    @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log ``test/{name}_top1`` and the other metrics (per loader when there are several)."""
-        self._log(pl_module, "test", skip=False)
 
     def _log(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
         self._eval_bank = None

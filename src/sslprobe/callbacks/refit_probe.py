@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import WarningCache, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -26,13 +25,12 @@ from sslprobe._metrics import (
     normalize_metrics,
 )
 from sslprobe.callbacks.base import (
-    cached_state_key,
     check_module,
     check_name,
     check_name_free,
     ensure_containers,
-    is_bound,
 )
+from sslprobe.callbacks.evaluation import EvaluationCallback
 from sslprobe.probes.ridge import DEFAULT_LAMBDAS, IGNORE_INDEX, RidgeFit, RidgeStatistics, fit_ridge, usable_mean
 
 __all__ = ["RefitProbe"]
@@ -49,7 +47,7 @@ def _cpu(t: Tensor) -> Tensor:
     return t.detach().to("cpu", copy=True)
 
 
-class RefitProbe(Callback):
+class RefitProbe(EvaluationCallback):
     """The linear-evaluation number of the encoder as it is now: a ridge classifier refitted at every validation.
 
     An SGD-trained probe lags an encoder that is still changing. This one is refitted in closed form, at the start of
@@ -221,11 +219,6 @@ class RefitProbe(Callback):
         return tuple(float(v) for v in values)
 
     @property
-    @override
-    def state_key(self) -> str:
-        return cached_state_key(self)
-
-    @property
     def last_fit(self) -> RidgeFit | None:
         """The current fit (the last validation's, or the checkpoint's); ``None`` before the first."""
         return self._fit
@@ -234,13 +227,6 @@ class RefitProbe(Callback):
     def statistics(self) -> RidgeStatistics | None:
         """This process's statistics of the training rows since the last fit."""
         return self._stats
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Bind to the Trainer's module if not yet; start a new run (each warning is given once per run)."""
-        if self._binds_at_setup and not is_bound(self.name, pl_module):
-            self._bind(pl_module)
-        self._warned = set()
 
     def _bind(self, module: nn.Module) -> None:
         """Register this probe's metrics in ``module.callbacks_metrics[name]``."""
@@ -369,43 +355,6 @@ class RefitProbe(Callback):
             self._eval_fit = self._fit
             self._eval_nonfinite = torch.zeros((), dtype=torch.long, device=self._fit.weight.device)
 
-    @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refit on the rows since the previous validation (one collective, one sync); not in the sanity check."""
-        self._start_eval(trainer, pl_module, "val")
-
-    @override
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Take the last fit (or fit the rows seen so far when there is none)."""
-        self._start_eval(trainer, pl_module, "test")
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Score the batch with the fit and update that loader's eval metrics."""
-        if not trainer.sanity_checking:
-            self._evaluate(pl_module, outputs, batch, "val", dataloader_idx)
-
-    @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Score the batch with the fit and update that loader's test metrics."""
-        self._evaluate(pl_module, outputs, batch, "test", dataloader_idx)
-
     def _evaluate(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
         fit = self._eval_fit
         if fit is None:
@@ -471,16 +420,6 @@ class RefitProbe(Callback):
         weight_z = fit.weight * fit.std.to(torch.float64)[:, None]
         bias_z = fit.bias + fit.mean.to(torch.float64) @ fit.weight
         return torch.addmm(bias_z, (rows - mean) / std, weight_z)
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log ``eval/{name}_{metric}`` (per loader when there are several) and ``eval/{name}_lambda``."""
-        self._log(pl_module, "val", skip=trainer.sanity_checking)
-
-    @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log ``test/{name}_{metric}`` (per loader when there are several)."""
-        self._log(pl_module, "test", skip=False)
 
     def _log(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
         fit, self._eval_fit = self._eval_fit, None
