@@ -75,3 +75,20 @@ def test_plot_folder_without_a_csv_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"sslprobe plot: no metrics.csv in the folder {tmp_path}, nor in a version_N/ folder")
     assert "Traceback" not in err and "sslprobe plot: sslprobe plot" not in err
+
+
+def _png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def test_a_metric_outside_0_1_gets_its_own_axis(tmp_path):
+    pytest.importorskip("matplotlib")
+    scores = tmp_path / "scores" / "metrics.csv"
+    scores.parent.mkdir()
+    scores.write_text("epoch,step,eval/linear_top1,train/linear_loss\n0,9,0.5,\n0,9,,2.1\n1,19,0.75,\n1,19,,1.5\n")
+    with_rank = tmp_path / "rank" / "metrics.csv"
+    with_rank.parent.mkdir()
+    with_rank.write_text(scores.read_text().replace("eval/linear_top1", "eval/rankme").replace("0.5,", "42.0,"))
+    assert main(["plot", str(scores.parent), "-o", str(tmp_path / "a.png")]) == 0
+    assert main(["plot", str(with_rank.parent), "-o", str(tmp_path / "b.png")]) == 0
+    assert _png_width(tmp_path / "a.png") == 2 * 6 * 120 and _png_width(tmp_path / "b.png") == 3 * 6 * 120

@@ -121,18 +121,28 @@ def plot_metrics(csv_path: str | Path, out_path: str | Path | None = None, title
     }
     if not series:
         raise ValueError(f"sslprobe plot: {csv_path} holds no metric values.")
-    fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, points in sorted(others.items()):
-        by_epoch = sorted((e, v) for e, _, v in points if not math.isnan(e))
-        if by_epoch:
-            ax_metric.plot([e + 1 for e, _ in by_epoch], [v for _, v in by_epoch], marker="o", markersize=3, label=key)
-    ax_metric.set(xlabel="epoch", ylabel="metric", title="probe metrics")
+    # Scores (accuracies) lie in [0, 1]; a metric outside it (an effective rank, a spectrum's exponent) gets its own
+    # axis, so that the scores stay readable.
+    scores = {k: v for k, v in others.items() if all(0.0 <= value <= 1.0 for _, _, value in v if not math.isnan(value))}
+    health = {k: v for k, v in others.items() if k not in scores}
+    panels = 3 if health else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
+    ax_metric, ax_loss = axes[0], axes[1]
+    for ax, group, title_ in (
+        (ax_metric, scores, "probe metrics"),
+        *(((axes[2], health, "other metrics"),) if health else ()),
+    ):
+        for key, points in sorted(group.items()):
+            by_epoch = sorted((e, v) for e, _, v in points if not math.isnan(e))
+            if by_epoch:
+                ax.plot([e + 1 for e, _ in by_epoch], [v for _, v in by_epoch], marker="o", markersize=3, label=key)
+        ax.set(xlabel="epoch", ylabel="metric", title=title_)
     for key, points in sorted(losses.items()):
         by_step = sorted((s, v) for _, s, v in points if not math.isnan(s))
         if by_step:
             ax_loss.plot([s for s, _ in by_step], [v for _, v in by_step], label=key, linewidth=1)
     ax_loss.set(xlabel="step", ylabel="loss", title="losses")
-    for ax in (ax_metric, ax_loss):
+    for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
