@@ -15,6 +15,8 @@ Configurations, interleaved round by round (median over rounds), all through the
                     host time that cutting costs against the GPU time it saves
   eager-1 / -8      as module-N, with cuda_graph=False: every probe step launched op by op (on a GPU, module-N
                     replays each probe's step from a CUDA graph)
+  layers-4          sslprobe.Module + 4 OnlineProbes on sslprobe.Layer: each ResNet stage's output, average-pooled
+                    (compare with module-4: 4 probes on the one embedding)
   refit-1 / -9      sslprobe.Module + one RefitProbe (float64 statistics per step, no training), alone / beside 8
                     OnlineProbes as module-8 (the refit itself runs at validation, which is not timed here)
 Probes: linear, embedding -> 100 classes, cross-entropy, top-1 metric. Batches are prebuilt on the device.
@@ -45,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslprobe import Module
+from sslprobe import Layer, Module
 from sslprobe.callbacks import OnlineProbe, ProbeSweep, RefitProbe
 from sslprobe.optim import _pieces as pieces
 from sslprobe.probes import LinearProbe
@@ -191,6 +193,20 @@ def build(config: str, backbone: nn.Module, emb: int):
     refits = [RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)] if kind == "refit" else []
     if kind == "refit":
         n -= 1  # the OnlineProbes beside it
+    if kind == "layers":
+        # One AdamW probe on each of the ResNet's stages (average-pooled by Layer), read by forward hooks.
+        stages = [f"backbone.layer{i}" for i in range(1, 5)][-n:]
+        return model, [
+            OnlineProbe(
+                model,
+                f"p{i}",
+                Layer(path),
+                "label",
+                probe=nn.LazyLinear(NUM_CLASSES),
+                optimizer={"type": "AdamW", "lr": 1e-3},
+            )
+            for i, path in enumerate(stages)
+        ]
     # "lars-N" and "probe-N": the probes' default optimizer (LARS); otherwise AdamW, as the hand-written floor uses.
     optimizer = None if kind in ("lars", "probe") else {"type": "AdamW", "lr": 1e-3}
     graph = None if kind != "eager" else False

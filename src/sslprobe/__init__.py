@@ -1,6 +1,7 @@
 """sslprobe: online probes that report how good a representation is while it trains."""
 
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep, RefitProbe, TrainableCallback
+from sslprobe.layer import Layer
 from sslprobe.module import Module
 from sslprobe.optim import LARS, create_optimizer, create_scheduler
 from sslprobe.probes import AttentiveProbe, LinearProbe, MLPProbe
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LARS",
     "AttentiveProbe",
+    "Layer",
     "LinearProbe",
     "MLPProbe",
     "Module",

@@ -279,6 +279,21 @@ def scenario_freeze(args):
     }
 
 
+def scenario_layer(args):
+    """A probe on Layer("backbone.1") beside the same probe on the returned embedding (the same activations)."""
+    from sslprobe import Layer
+
+    model = build_module(trainable=True)
+    by_key = linear_probe(model)
+    by_layer = OnlineProbe(
+        model, "layer", Layer("backbone.1"), "label", probe=nn.Linear(16, NUM_CLASSES), optimizer=by_key.optimizer
+    )
+    model.callbacks_modules["layer"].load_state_dict(model.callbacks_modules["linear"].state_dict())
+    t = trainer(args.accelerator, [by_key, by_layer], max_epochs=2)
+    t.fit(model, datamodule=ShardedData())
+    return {"weights": weights(model), "metrics": {k: float(v) for k, v in t.callback_metrics.items()}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")
@@ -294,6 +309,7 @@ def main():
     scenarios["refit"] = scenario_refit
     scenarios["spawn"] = scenario_spawn
     scenarios["freeze"] = scenario_freeze
+    scenarios["layer"] = scenario_layer
     result = scenarios[args.scenario](args)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(result, args.out)

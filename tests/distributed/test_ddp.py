@@ -285,3 +285,11 @@ def test_freeze_before_fit_under_ddp_trains_the_probes(tmp_path):
     make_trainer(max_steps=6, callbacks=[probe]).fit(model, loader(48, batch_size=8))
     for key, value in model.callbacks_modules["linear"].state_dict().items():
         torch.testing.assert_close(result["weights"][f"linear.{key}"], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_input_under_ddp_trains_as_the_returned_embedding(tmp_path):
+    result = run_worker("layer", tmp_path / "layer.pt")
+    weights = result["weights"]
+    for key in ("weight", "bias"):
+        assert torch.equal(weights[f"layer.{key}"], weights[f"linear.{key}"])
+    assert result["metrics"]["eval/layer_top1"] == result["metrics"]["eval/linear_top1"]

@@ -10,11 +10,12 @@ from torch import nn
 from typing_extensions import override
 
 from sslprobe.callbacks.base import cached_state_key, is_bound
+from sslprobe.layer import LayerReader
 
 __all__ = ["EvaluationCallback"]
 
 
-class EvaluationCallback(Callback):
+class EvaluationCallback(LayerReader, Callback):
     """Base of callbacks that train nothing: they keep rows (or statistics of them) and evaluate at validation.
 
     :class:`~sslprobe.callbacks.OnlineKNN` keeps a bank of rows, :class:`~sslprobe.callbacks.RefitProbe` sums their
@@ -55,6 +56,7 @@ class EvaluationCallback(Callback):
         """Bind to the Trainer's module if not yet; start a new run (each warning is given once per run)."""
         if self._binds_at_setup and not is_bound(self.name, pl_module):
             self._bind(pl_module)
+            self._attach_layer(pl_module)
         self._warned = set()
 
     @override

@@ -186,6 +186,7 @@ class OnlineKNN(EvaluationCallback):
         self._warned: set[str] = set()  # the once-per-run warnings given in this fit / validate / test
         if module is not None:
             self._bind(module)
+            self._attach_layer(module)
 
     @property
     def bank_size(self) -> int:

@@ -33,6 +33,7 @@ from sslprobe._metrics import (
 from sslprobe._rng import needs_private_rng
 from sslprobe.callbacks._step_graph import Rollback, StepGraph, host_settings, module_tensors
 from sslprobe.callbacks.base import TrainableCallback, check_name, ensure_containers, restore_where_skipped
+from sslprobe.layer import LayerReader
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
 from sslprobe.optim.stepper import Stepper
 from sslprobe.probes.feature_norm import FeatureNorm
@@ -67,7 +68,7 @@ def _first_param(module: nn.Module) -> Tensor | None:
     return None
 
 
-class OnlineProbe(TrainableCallback):
+class OnlineProbe(LayerReader, TrainableCallback):
     """Online probe: the standard linear-evaluation number, live, while the representation trains.
 
     After every training batch it takes the features (``input``) and labels (``target``) from the step's outputs
@@ -170,6 +171,8 @@ class OnlineProbe(TrainableCallback):
             raise TypeError(f"{owner}: probe is required, e.g. probe=LinearProbe(num_classes=10).")
         loss = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
         self.metrics = metrics
+        self.input = input
+        self.target = target
         self._loss = loss
         # Built now, so that a bad form fails at construction even when the module is bound at setup.
         self._unregistered_metrics: nn.ModuleDict | None = self._metric_modules(metrics, loss, owner)
@@ -210,6 +213,7 @@ class OnlineProbe(TrainableCallback):
             metrics = self._metric_modules(self.metrics, self._loss, self._owner)
         _, callbacks_metrics = ensure_containers(module, self._owner)
         callbacks_metrics[self.name] = metrics
+        self._attach_layer(module)
 
     def _metric_modules(self, metrics: MetricsSpec, loss: Any, owner: str) -> nn.ModuleDict:
         """``callbacks_metrics[name]``: one ModuleDict of metrics per stage (top-1 by default with cross-entropy)."""

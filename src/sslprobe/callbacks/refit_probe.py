@@ -190,6 +190,7 @@ class RefitProbe(EvaluationCallback):
         self._warned: set[str] = set()  # the once-per-run warnings given in this fit / validate / test
         if module is not None:
             self._bind(module)
+            self._attach_layer(module)
 
     @staticmethod
     def _check_lambdas(lambdas: Iterable[float] | None, owner: str) -> tuple[float, ...]:
