@@ -256,6 +256,9 @@ def run_config(config, backbone, emb, pool, args, device, precision):
     for p in probes:
         if p.name in model.callbacks_modules:
             model.callbacks_modules.pop(p.name)
+    if config.startswith("layers"):
+        for layer in backbone.modules():  # the backbone is shared by every configuration: drop this one's hooks
+            layer._forward_hooks.clear()
     return timer.ms, timer.epoch_end_ms, trained
 
 
