@@ -75,4 +75,9 @@ refit)
     CUDA_VISIBLE_DEVICES=0 timeout 120 python3 benchmarks/refit_time.py --device cuda 2>&1 | tee "$OUT/refit_time.txt"
     CUDA_VISIBLE_DEVICES=0 timeout 300 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs none,module-1,refit-1,module-8,refit-9 --json "$OUT/r50_refit.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50_refit.txt"
     ;;
+layers)
+    # Issue 20: four probes on the four ResNet-50 stages (Layer hooks) against four probes on the one embedding.
+    FILTER="^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip\|USDT"
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 2 --steps 40 --configs none,module-4,layers-4 --json "$OUT/r50_layers.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50_layers.txt"
+    ;;
 esac
