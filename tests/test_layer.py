@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sslprobe import Layer, Module
-from sslprobe.callbacks import OnlineKNN, OnlineProbe, RefitProbe
+from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep, RefitProbe
 from tests.conftest import D_IN, NUM_CLASSES, dict_loader, make_trainer
 
 
@@ -46,14 +46,15 @@ def test_a_layer_probe_trains_as_the_same_probe_fed_the_activations_explicitly()
     model.callbacks_modules["key"].load_state_dict(model.callbacks_modules["layer"].state_dict())
     knn = OnlineKNN(model, "knn", Layer("backbone.0"), "label", k=3)
     refit = RefitProbe(model, "refit", Layer("backbone.0"), "label", num_classes=NUM_CLASSES)
-    trainer = make_trainer(max_epochs=2, callbacks=[by_layer, by_key, knn, refit])
+    sweep = ProbeSweep(model, "sweep", Layer("backbone.0"), "label", num_classes=NUM_CLASSES, lrs=[0.01, 0.1])
+    trainer = make_trainer(max_epochs=2, callbacks=[by_layer, by_key, knn, refit, sweep])
     trainer.fit(model, dict_loader(), dict_loader())
     for a, b in zip(model.callbacks_modules["layer"].parameters(), model.callbacks_modules["key"].parameters()):
         assert torch.equal(a, b)
     metrics = trainer.callback_metrics
     assert metrics["eval/layer_top1"] == metrics["eval/key_top1"]
-    assert {"eval/knn_top1", "eval/refit_top1"} <= set(metrics)
-    # One hook for four readers, and no extra forward pass: 6 training + 6 validation batches a epoch, 2 epochs.
+    assert {"eval/knn_top1", "eval/refit_top1", "eval/sweep_top1"} <= set(metrics)
+    # One hook for five readers, and no extra forward pass: 6 training + 6 validation batches a epoch, 2 epochs.
     assert len(model.backbone[0]._forward_hooks) == 1
     assert model.backbone[0].calls == 2 * (6 + 6)
 
