@@ -19,7 +19,7 @@ from sslprobe.probes.linear_bank import LinearHeadBank
 from sslprobe.probes.ridge import DEFAULT_LAMBDAS, RidgeStatistics, fit_ridge
 from tests.callbacks.test_refit_probe import ResumableBatches, batches_of
 from tests.conftest import DictDataset, make_trainer, make_xy
-from tests.distributed.common import NUM_CLASSES, build_module, linear_probe, loader
+from tests.distributed.common import NUM_CLASSES, build_module, health_callbacks, linear_probe, loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ACCELERATOR = os.environ.get("SSLPROBE_TEST_ACCELERATOR", "cpu")
@@ -285,3 +285,17 @@ def test_freeze_before_fit_under_ddp_trains_the_probes(tmp_path):
     make_trainer(max_steps=6, callbacks=[probe]).fit(model, loader(48, batch_size=8))
     for key, value in model.callbacks_modules["linear"].state_dict().items():
         torch.testing.assert_close(result["weights"][f"linear.{key}"], value, rtol=1e-5, atol=1e-6)
+
+
+def test_health_under_ddp_equals_one_process_holding_the_whole_batch(tmp_path):
+    result = run_worker("health", tmp_path / "health.pt")
+    assert result["world_size"] == 2
+    first, second = result["per_rank"]
+    assert first == second  # every rank logs the same value (EarlyStopping/ModelCheckpoint may monitor it)
+    assert set(first) == {"eval/rankme", "eval/alpha", "eval/rankme_val", "eval/lidar"}
+    model = build_module(trainable=True)
+    trainer = make_trainer(callbacks=health_callbacks(model))
+    trainer.fit(model, loader(48, batch_size=8), loader(24, batch_size=8, seed=1))
+    # Each rank keeps 32 // 2 of its rows for RankMe: the newest 32 samples in all, as one process with queue 32.
+    for key, value in first.items():
+        assert value == pytest.approx(trainer.callback_metrics[key].item(), rel=1e-4), key
