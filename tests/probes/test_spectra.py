@@ -52,6 +52,11 @@ def test_rankme_matches_numpy(shape, eps):
     assert float(rankme(rows, eps)) == pytest.approx(np_rankme(rows.numpy(), eps), rel=RTOL)
 
 
+def test_rankme_matches_numpy_over_a_spectrum_of_six_decades():
+    rows = randn(2000, 300) * torch.logspace(0, -6, 300)  # singular values from the Gram matrix lose the smallest
+    assert float(rankme(rows)) == pytest.approx(np_rankme(rows.numpy()), rel=RTOL)
+
+
 @pytest.mark.parametrize("k", [1, 5, 100])
 def test_rankme_of_a_rank_k_matrix_is_k(k):
     u, _ = torch.linalg.qr(randn(1000, k).double())
@@ -93,7 +98,7 @@ def test_alpha_req_rejects_bad_fit_range(fit_range):
         alpha_req(randn(50, 8), fit_range)
 
 
-@pytest.mark.parametrize(("n", "q", "d"), [(40, 2, 6), (30, 4, 10)])
+@pytest.mark.parametrize(("n", "q", "d"), [(40, 2, 6), (30, 4, 10), (12, 3, 20)])
 @pytest.mark.parametrize("delta", [1e-4, 1e-1])
 def test_lidar_matches_numpy(n, q, d, delta):
     views = randn(n, 1, d) + 0.5 * randn(n, q, d, seed=1)

@@ -54,7 +54,12 @@ def rankme(rows: Tensor, eps: float = 1e-7) -> Tensor:
         >>> round(float(rankme(torch.eye(4))), 4)
         4.0
     """
-    s = torch.linalg.svdvals(_check_rows(rows, "rankme"))  # (min(N, D),)
+    x = _check_rows(rows, "rankme")
+    # The singular values are the square roots of the eigenvalues of the smaller Gram matrix: a third of the time of
+    # an SVD of 25,600 x 2,048 rows. In float64 a value below ~1e-8 of the largest is lost, as is its share of the
+    # entropy (under 1e-6 of RankMe).
+    gram = x.T @ x if x.shape[0] >= x.shape[1] else x @ x.T  # (min(N, D), min(N, D))
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
     return _entropy_exp(s, eps)
 
 
@@ -155,11 +160,16 @@ def lidar(views: Tensor, delta: float = 1e-4, eps: float = 1e-7) -> Tensor:
     x = views.detach().to(torch.float64)
     n, q, dim = x.shape
     means = x.mean(dim=1)  # (n, D)
-    centred_means = means - means.mean(dim=0, keepdim=True)  # (n, D)
-    sigma_b = centred_means.T @ centred_means / n  # (D, D)
+    centred_means = means - means.mean(dim=0, keepdim=True)  # (n, D): Sigma_b = C^T C / n, never formed
     within = (x - means[:, None]).reshape(n * q, dim)  # (n*q, D)
     sigma_w = within.T @ within / (n * q) + delta * torch.eye(dim, dtype=x.dtype, device=x.device)  # (D, D)
-    w_eig, w_vec = torch.linalg.eigh(sigma_w)
-    inv_sqrt = (w_vec * w_eig.rsqrt()) @ w_vec.T  # (D, D), Sigma_w^-1/2
-    lam = torch.linalg.eigvalsh(inv_sqrt @ sigma_b @ inv_sqrt).clamp_min(0)  # (D,)
+    # Sigma_w^-1/2 Sigma_b Sigma_w^-1/2 and L^-1 Sigma_b L^-T (Sigma_w = L L^T, Cholesky) are both similar to
+    # Sigma_w^-1 Sigma_b: the same eigenvalues, without an eigendecomposition of Sigma_w. With B = L^-1 C^T
+    # (C the centred means), L^-1 Sigma_b L^-T = B B^T / n, whose non-zero eigenvalues are those of the smaller
+    # B^T B / n; the other D - n are zero and still count in the entropy (each adds eps to p).
+    chol = torch.linalg.cholesky(sigma_w)  # (D, D)
+    b = torch.linalg.solve_triangular(chol, centred_means.T, upper=False)  # (D, n)
+    small = b.T @ b / n if n < dim else b @ b.T / n  # (min(n, D), min(n, D))
+    lam = torch.linalg.eigvalsh(small).clamp_min(0)
+    lam = torch.cat([lam, lam.new_zeros(dim - lam.numel())])  # (D,)
     return _entropy_exp(lam, eps)
