@@ -19,6 +19,8 @@ Configurations, interleaved round by round (median over rounds), all through the
                     (compare with module-4: 4 probes on the one embedding)
   refit-1 / -9      sslprobe.Module + one RefitProbe (float64 statistics per step, no training), alone / beside 8
                     OnlineProbes as module-8 (the refit itself runs at validation, which is not timed here)
+  health-3          sslprobe.Module + RankMe, AlphaReQ (one shared store of the embedding) and LiDAR (two views of
+                    it): per step only appending rows; the numbers are computed at validation, not timed here
 Probes: linear, embedding -> 100 classes, cross-entropy, top-1 metric. Batches are prebuilt on the device.
 
   --device cpu   MLP 512-1024-1024-512, batch 256, fp32
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslprobe import Layer, Module
-from sslprobe.callbacks import OnlineProbe, ProbeSweep, RefitProbe
+from sslprobe.callbacks import AlphaReQ, LiDAR, OnlineProbe, ProbeSweep, RankMe, RefitProbe
 from sslprobe.optim import _pieces as pieces
 from sslprobe.probes import LinearProbe
 
@@ -165,6 +167,12 @@ def module_forward(self, batch, stage):
     return {"embedding": emb, "loss": ssl_loss(emb)}
 
 
+def two_views(outputs, batch):
+    """Two views of each sample for LiDAR in health-3 (the benchmark's step makes one; the second is a cheap copy)."""
+    emb = outputs["embedding"]
+    return [emb, 0.5 * emb]
+
+
 def build(config: str, backbone: nn.Module, emb: int):
     kind, _, count = config.partition("-")
     n = int(count or 0)
@@ -189,6 +197,12 @@ def build(config: str, backbone: nn.Module, emb: int):
                 lrs=[1e-4 * 2**i for i in range(n // 2)],
                 weight_decays=[0.0, 5e-4],
             )
+        ]
+    if kind == "health":
+        return model, [
+            RankMe(model, "rankme", "embedding"),
+            AlphaReQ(model, "alpha", "embedding"),
+            LiDAR(model, "lidar", two_views),
         ]
     refits = [RefitProbe(model, "refit", "embedding", "label", num_classes=NUM_CLASSES)] if kind == "refit" else []
     if kind == "refit":
@@ -245,6 +259,9 @@ def run_config(config, backbone, emb, pool, args, device, precision):
     trained = True
     rows = batches * len(pool[0]["label"])
     for probe in probes:
+        if isinstance(probe, (RankMe, AlphaReQ, LiDAR)):  # they train nothing: every row offered must be stored
+            trained &= probe._store is not None and probe._store.local().shape[0] == min(rows, probe.queue_size)
+            continue
         if isinstance(probe, RefitProbe):  # it trains nothing: every row offered must be in its statistics
             trained &= probe.statistics is not None and int(probe.statistics.counts[0]) == rows
             continue

@@ -146,3 +146,16 @@ def test_a_model_compiled_after_the_callbacks_are_built_still_feeds_its_layers()
     make_trainer(max_epochs=1, callbacks=[by_layer, by_key]).fit(model, dict_loader())
     for a, b in zip(model.callbacks_modules["layer"].parameters(), model.callbacks_modules["key"].parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_health_callbacks_read_a_layer():
+    from sslprobe.callbacks import RankMe
+
+    model = make_model()
+    by_layer = RankMe(model, "rank_layer", Layer("backbone.0"), queue_size=48)
+    by_key = RankMe(model, "rank_key", "hidden", queue_size=48)
+    trainer = make_trainer(max_epochs=1, callbacks=[by_layer, by_key])
+    trainer.fit(model, dict_loader(), dict_loader())
+    assert trainer.callback_metrics["eval/rank_layer"] == pytest.approx(
+        trainer.callback_metrics["eval/rank_key"].item()
+    )

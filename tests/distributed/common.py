@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from sslprobe import Module
-from sslprobe.callbacks import OnlineProbe
+from sslprobe.callbacks import AlphaReQ, LiDAR, OnlineProbe, RankMe
 from tests.conftest import DictDataset, make_xy
 
 NUM_CLASSES = 3
@@ -34,6 +34,22 @@ def linear_probe(model: Module, **kwargs: object) -> OnlineProbe:
     """The linear probe both sides of a comparison build: SGD with momentum unless told otherwise."""
     options = {"optimizer": {"type": "SGD", "lr": 0.1, "momentum": 0.9}, **kwargs}
     return OnlineProbe(model, "linear", "embedding", "label", probe=nn.Linear(16, NUM_CLASSES), **options)
+
+
+def two_views(outputs, batch):
+    """Two views of each sample for LiDAR: the embedding and a fixed nonlinear change of it."""
+    emb = outputs["embedding"]
+    return [emb, torch.tanh(2 * emb) + 0.1 * batch["x"][:, :1]]
+
+
+def health_callbacks(model: Module) -> list:
+    """The health callbacks both sides of the DDP comparison build (RankMe keeps 32 of the store's 1000 rows)."""
+    return [
+        RankMe(model, "rankme", "embedding", queue_size=32),
+        AlphaReQ(model, "alpha", "embedding", queue_size=1000, fit_range=(0, 100)),
+        RankMe(model, "rankme_val", "embedding", source="val"),
+        LiDAR(model, "lidar", two_views),
+    ]
 
 
 def loader(n: int, batch_size: int, seed: int = 0) -> DataLoader:

@@ -25,7 +25,13 @@ warnings.filterwarnings("ignore")
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep, RefitProbe  # noqa: E402
 from tests.callbacks.test_refit_probe import ResumableBatches, batches_of  # noqa: E402
 from tests.conftest import make_xy  # noqa: E402
-from tests.distributed.common import NUM_CLASSES, ShardedData, build_module, linear_probe  # noqa: E402
+from tests.distributed.common import (  # noqa: E402
+    NUM_CLASSES,
+    ShardedData,
+    build_module,
+    health_callbacks,
+    linear_probe,
+)
 
 COUNTS = {"collectives": 0}
 
@@ -294,6 +300,17 @@ def scenario_layer(args):
     return {"weights": weights(model), "metrics": {k: float(v) for k, v in t.callback_metrics.items()}}
 
 
+def scenario_health(args):
+    """RankMe, AlphaReQ and LiDAR on 2 processes: the values every rank logs, gathered to rank 0."""
+    model = build_module(trainable=True)
+    t = trainer(args.accelerator, health_callbacks(model), max_epochs=1)
+    t.fit(model, datamodule=ShardedData())
+    logged = {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("eval/")}
+    every_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, logged)
+    return {"per_rank": every_rank, "world_size": t.world_size}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")
@@ -310,6 +327,7 @@ def main():
     scenarios["spawn"] = scenario_spawn
     scenarios["freeze"] = scenario_freeze
     scenarios["layer"] = scenario_layer
+    scenarios["health"] = scenario_health
     result = scenarios[args.scenario](args)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(result, args.out)

@@ -19,7 +19,7 @@ from sslprobe.probes.linear_bank import LinearHeadBank
 from sslprobe.probes.ridge import DEFAULT_LAMBDAS, RidgeStatistics, fit_ridge
 from tests.callbacks.test_refit_probe import ResumableBatches, batches_of
 from tests.conftest import DictDataset, make_trainer, make_xy
-from tests.distributed.common import NUM_CLASSES, build_module, linear_probe, loader
+from tests.distributed.common import NUM_CLASSES, build_module, health_callbacks, linear_probe, loader
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ACCELERATOR = os.environ.get("SSLPROBE_TEST_ACCELERATOR", "cpu")
@@ -293,3 +293,17 @@ def test_a_layer_input_under_ddp_trains_as_the_returned_embedding(tmp_path):
     for key in ("weight", "bias"):
         assert torch.equal(weights[f"layer.{key}"], weights[f"linear.{key}"])
     assert result["metrics"]["eval/layer_top1"] == result["metrics"]["eval/linear_top1"]
+
+
+def test_health_under_ddp_equals_one_process_holding_the_whole_batch(tmp_path):
+    result = run_worker("health", tmp_path / "health.pt")
+    assert result["world_size"] == 2
+    first, second = result["per_rank"]
+    assert first == second  # every rank logs the same value (EarlyStopping/ModelCheckpoint may monitor it)
+    assert set(first) == {"eval/rankme", "eval/alpha", "eval/rankme_val", "eval/lidar"}
+    model = build_module(trainable=True)
+    trainer = make_trainer(callbacks=health_callbacks(model))
+    trainer.fit(model, loader(48, batch_size=8), loader(24, batch_size=8, seed=1))
+    # Each rank keeps 32 // 2 of its rows for RankMe: the newest 32 samples in all, as one process with queue 32.
+    for key, value in first.items():
+        assert value == pytest.approx(trainer.callback_metrics[key].item(), rel=1e-4), key
