@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sslprobe._imports import require
-from sslprobe.callbacks import OnlineProbe, RefitProbe
+from sslprobe.callbacks import OnlineProbe, RankMe, RefitProbe
 from sslprobe.cli.simclr import ConvEncoder, augment, nt_xent
 from sslprobe.module import Module
 from sslprobe.probes import LinearProbe
@@ -85,6 +85,7 @@ def build(args: argparse.Namespace, steps_per_epoch: int) -> tuple[Module, tuple
     probes = (
         OnlineProbe(model, "linear", input="embedding", target="label", probe=LinearProbe(NUM_CLASSES)),
         RefitProbe(model, "refit", input="embedding", target="label", num_classes=NUM_CLASSES),
+        RankMe(model, "rankme", input="embedding"),  # label-free: the embedding's effective rank (of 128)
     )
     return model, probes
 
@@ -164,14 +165,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     offline = offline_linear_eval(model, train, val)
     rows = []
     for probe in probes:
+        if isinstance(probe, RankMe):
+            continue  # not an accuracy: printed below
         column = f"eval/{probe.name}_top1"
         first, last = first_and_last(csv_path, column)
         rows.append((probe.name, first, last))
+    rank_first, rank_last = first_and_last(csv_path, "eval/rankme")
     print()
     print(f"{'probe':<10} {'first epoch top-1':>18} {'last epoch top-1':>17}")
     for name, first, last in rows:
         print(f"{name:<10} {_fmt(first):>18} {_fmt(last):>17}")
     print(f"{'offline':<10} {'':>18} {offline:>17.4f}   (scikit-learn logistic regression on the final encoder)")
+    print(f"RankMe (label-free effective rank of the 128-d embedding): {_fmt(rank_first)} -> {_fmt(rank_last)}")
     print(f"\ntrained in {seconds:.0f} s; files in {out}/: metrics.csv, {png.name}")
     return {"out": out, "rows": rows, "offline": offline, "seconds": seconds, "png": png}
 
