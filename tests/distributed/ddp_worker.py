@@ -300,15 +300,28 @@ def scenario_layer(args):
     return {"weights": weights(model), "metrics": {k: float(v) for k, v in t.callback_metrics.items()}}
 
 
+class EveryRankLogged(Callback):
+    """At the end of each validation, every rank's logged eval/ values, gathered while the training runs."""
+
+    keys = ("eval/alpha", "eval/lidar", "eval/rankme", "eval/rankme_val")
+
+    def __init__(self) -> None:
+        self.per_rank: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer, pl_module):
+        values = torch.tensor([float(trainer.callback_metrics.get(k, float("nan"))) for k in self.keys])
+        gathered = [torch.zeros_like(values) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, values)
+        self.per_rank = [dict(zip(self.keys, g.tolist())) for g in gathered]
+
+
 def scenario_health(args):
     """RankMe, AlphaReQ and LiDAR on 2 processes: the values every rank logs, gathered to rank 0."""
     model = build_module(trainable=True)
-    t = trainer(args.accelerator, health_callbacks(model), max_epochs=1)
+    logged = EveryRankLogged()
+    t = trainer(args.accelerator, [*health_callbacks(model), logged], max_epochs=1)
     t.fit(model, datamodule=ShardedData())
-    logged = {k: float(v) for k, v in t.callback_metrics.items() if k.startswith("eval/")}
-    every_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, logged)
-    return {"per_rank": every_rank, "world_size": t.world_size}
+    return {"per_rank": logged.per_rank, "world_size": t.world_size}
 
 
 def main():
