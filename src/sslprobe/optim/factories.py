@@ -175,14 +175,7 @@ def check_optimizer_spec(spec: OptimizerSpec, *, owner: str = "sslprobe") -> Non
     if isinstance(spec, str):
         _lookup(spec, optimizer_classes(), "optimizer", owner)
     elif isinstance(spec, Mapping):
-        kwargs = dict(spec)
-        kind = kwargs.pop("type", None)
-        if kind is None:
-            raise ValueError(
-                f"{owner}: an optimizer dict needs a 'type' key, got keys {sorted(kwargs)}. "
-                "Write it as {'type': 'AdamW', 'lr': 1e-3}."
-            )
-        cls = _lookup(kind, optimizer_classes(), "optimizer", owner) if isinstance(kind, str) else kind
+        cls, kwargs = _class_and_kwargs(spec, optimizer_classes(), "optimizer", owner)
         if isinstance(cls, type):
             _check_kwargs(cls, kwargs, ("params",), owner)
 
@@ -200,17 +193,28 @@ def check_scheduler_spec(spec: SchedulerSpec, *, owner: str = "sslprobe") -> Non
     if isinstance(spec, str):
         _lookup(spec, scheduler_classes(), "scheduler", owner)
     elif isinstance(spec, Mapping):
-        kwargs, _ = split_interval(spec, owner=owner)
-        kwargs = dict(kwargs)  # type: ignore[arg-type]  # split_interval returns a mapping for a mapping
-        kind = kwargs.pop("type", None)
-        if kind is None:
-            raise ValueError(
-                f"{owner}: a scheduler dict needs a 'type' key, got keys {sorted(kwargs)}. "
-                "Write it as {'type': 'CosineAnnealingLR', 'interval': 'step'}."
-            )
-        cls = _lookup(kind, scheduler_classes(), "scheduler", owner) if isinstance(kind, str) else kind
+        rest, _ = split_interval(spec, owner=owner)
+        cls, kwargs = _class_and_kwargs(rest, scheduler_classes(), "scheduler", owner)  # type: ignore[arg-type]
         if isinstance(cls, type):
             _check_kwargs(cls, kwargs, ("optimizer",), owner)
+
+
+_DICT_EXAMPLES = {
+    "optimizer": ("an optimizer", "{'type': 'AdamW', 'lr': 1e-3}"),
+    "scheduler": ("a scheduler", "{'type': 'CosineAnnealingLR', 'interval': 'step'}"),
+}
+
+
+def _class_and_kwargs(spec: Mapping[str, Any], table: Mapping[str, type], what: str, owner: str) -> tuple[Any, dict]:
+    """The class a ``{"type": ..., **kwargs}`` dict names (a name looked up in ``table``, or a class) and its kwargs."""
+    kwargs = dict(spec)
+    kind = kwargs.pop("type", None)
+    if kind is None:
+        article, example = _DICT_EXAMPLES[what]
+        raise ValueError(
+            f"{owner}: {article} dict needs a 'type' key, got keys {sorted(kwargs)}. Write it as {example}."
+        )
+    return (_lookup(kind, table, what, owner) if isinstance(kind, str) else kind), kwargs
 
 
 def _build_optimizer(cls: type[Optimizer], params: list[nn.Parameter], kwargs: dict[str, Any], owner: str) -> Optimizer:
@@ -275,14 +279,7 @@ def create_optimizer(spec: OptimizerSpec, params: Iterable[nn.Parameter], *, own
     if isinstance(spec, str):
         return _build_optimizer(_lookup(spec, table, "optimizer", owner), params, {}, owner)
     if isinstance(spec, Mapping):
-        kwargs = dict(spec)
-        kind = kwargs.pop("type", None)
-        if kind is None:
-            raise ValueError(
-                f"{owner}: an optimizer dict needs a 'type' key, got keys {sorted(kwargs)}. "
-                "Write it as {'type': 'AdamW', 'lr': 1e-3}."
-            )
-        cls = _lookup(kind, table, "optimizer", owner) if isinstance(kind, str) else kind
+        cls, kwargs = _class_and_kwargs(spec, table, "optimizer", owner)
         return _build_optimizer(cls, params, kwargs, owner)
     if isinstance(spec, type) and issubclass(spec, Optimizer):
         return _build_optimizer(spec, params, {}, owner)
@@ -390,14 +387,7 @@ def create_scheduler(
     if isinstance(spec, str):
         cls, kwargs = _lookup(spec, table, "scheduler", owner), {}
     elif isinstance(spec, Mapping):
-        kwargs = dict(spec)
-        kind = kwargs.pop("type", None)
-        if kind is None:
-            raise ValueError(
-                f"{owner}: a scheduler dict needs a 'type' key, got keys {sorted(kwargs)}. "
-                "Write it as {'type': 'CosineAnnealingLR', 'interval': 'step'}."
-            )
-        cls = _lookup(kind, table, "scheduler", owner) if isinstance(kind, str) else kind
+        cls, kwargs = _class_and_kwargs(spec, table, "scheduler", owner)
     elif isinstance(spec, type):
         cls, kwargs = spec, {}
     elif callable(spec):
