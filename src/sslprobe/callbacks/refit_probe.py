@@ -31,6 +31,7 @@ from sslprobe.callbacks.base import (
     ensure_containers,
 )
 from sslprobe.callbacks.evaluation import EvaluationCallback
+from sslprobe.probes.feature_norm import moments_statistics, row_moments
 from sslprobe.probes.ridge import DEFAULT_LAMBDAS, IGNORE_INDEX, RidgeFit, RidgeStatistics, fit_ridge, usable_mean
 
 __all__ = ["RefitProbe"]
@@ -403,18 +404,12 @@ class RefitProbe(EvaluationCallback):
         """
         rows = torch.where(finite[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device)).to(torch.float64)
         if loader == 0 or self._eval_moments is None:
-            count = finite.sum().to(torch.float64).reshape(1)
-            moments = torch.cat([count, rows.sum(0), rows.square().sum(0)])
+            moments = row_moments(x, keep=finite)
             if world_size() > 1:
                 all_reduce_sum_([moments])  # one collective per evaluation batch: every process, the same statistics
             self._eval_moments = moments if self._eval_moments is None else self._eval_moments + moments
-        moments = self._eval_moments
-        d = rows.shape[1]
-        n = moments[0].clamp(min=1.0)
-        mean = moments[1 : d + 1] / n
-        var = (moments[d + 1 :] / n - mean.square()).clamp(min=0.0)
+        mean, var, seen = moments_statistics(self._eval_moments, minimum=2)
         std = torch.where(var > 0, var.sqrt(), torch.ones_like(var))
-        seen = moments[0] >= 2
         mean = torch.where(seen, mean, fit.mean.to(torch.float64))
         std = torch.where(seen, std, fit.std.to(torch.float64))
         # The fit in standardised coordinates: W_z = W * std_fit, b_z = b + mean_fit @ W (see RidgeFit).

@@ -139,7 +139,7 @@ class FeatureNorm(nn.modules.lazy.LazyModuleMixin, nn.Module):
         """Forget the previous evaluation's rows, and make the training window the fallback statistics."""
         if self.has_uninitialized_params():
             return
-        mean, var, seen = _moments_stats(self.train_moments, minimum=1)
+        mean, var, seen = moments_statistics(self.train_moments, minimum=1)
         self.running_mean.copy_(torch.where(seen, mean.to(self.running_mean.dtype), self.running_mean))
         self.running_var.copy_(torch.where(seen, var.to(self.running_var.dtype), self.running_var))
         self.train_moments.zero_()
@@ -149,7 +149,7 @@ class FeatureNorm(nn.modules.lazy.LazyModuleMixin, nn.Module):
         """Normalised features, the shape of ``features`` ``(B, D)``."""
         if self.training:
             with torch.no_grad():
-                self.train_moments.add_(_moments_of(features))
+                self.train_moments.add_(row_moments(features))
             return F.batch_norm(features, None, None, training=True, eps=self.eps)
         if self.eval_stats == "train":
             if bool(self.train_moments[0] > 0):  # a sync; "train" is the user's choice of a fixed statistic
@@ -157,11 +157,11 @@ class FeatureNorm(nn.modules.lazy.LazyModuleMixin, nn.Module):
             return F.batch_norm(features, self.running_mean, self.running_var, training=False, eps=self.eps)
         with torch.no_grad():
             if not self.frozen_eval:
-                moments = _moments_of(features)
+                moments = row_moments(features)
                 if self._reduce is not None:
                     self._reduce([moments])
                 self.eval_moments.add_(moments)
-            mean, var, seen = _moments_stats(self.eval_moments, minimum=2)
+            mean, var, seen = moments_statistics(self.eval_moments, minimum=2)
             mean = torch.where(seen, mean.to(features.dtype), self.running_mean.to(features.dtype))
             var = torch.where(seen, var.to(features.dtype), self.running_var.to(features.dtype))
         return F.batch_norm(features, mean, var, training=False, eps=self.eps)
@@ -202,14 +202,22 @@ class FeatureNorm(nn.modules.lazy.LazyModuleMixin, nn.Module):
         return f"{self.in_features}, eps={self.eps}, eval_stats={self.eval_stats!r}"
 
 
-def _moments_of(features: Tensor) -> Tensor:
-    """``[count, sum, sum of squares]`` of the rows of ``features`` ``(B, D)``, in float64: ``(2 * D + 1,)``."""
-    rows = features.detach().to(torch.float64)
-    count = torch.full((1,), rows.shape[0], dtype=torch.float64, device=rows.device)
+def row_moments(features: Tensor, keep: Tensor | None = None) -> Tensor:
+    """``[count, sum, sum of squares]`` of the rows of ``features`` ``(B, D)``, in float64: ``(2 * D + 1,)``.
+
+    ``keep`` ``(B,)`` (a device mask, no sync) leaves the other rows out, whatever their values (NaN included).
+    """
+    rows = features.detach()
+    if keep is None:
+        rows = rows.to(torch.float64)
+        count = torch.full((1,), rows.shape[0], dtype=torch.float64, device=rows.device)
+    else:
+        rows = torch.where(keep[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device)).to(torch.float64)
+        count = keep.sum().to(torch.float64).reshape(1)
     return torch.cat([count, rows.sum(0), rows.square().sum(0)])
 
 
-def _moments_stats(moments: Tensor, minimum: int) -> tuple[Tensor, Tensor, Tensor]:
+def moments_statistics(moments: Tensor, minimum: int) -> tuple[Tensor, Tensor, Tensor]:
     """Mean, biased variance, and whether at least ``minimum`` rows were seen (a device flag), from moments."""
     size = (moments.shape[0] - 1) // 2
     count = moments[0]
