@@ -14,8 +14,8 @@ from sslprobe._metrics import Top1Accuracy
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep
 from sslprobe.probes import LinearProbe, MLPProbe
 from tests.callbacks.test_online_probe import FeatureSpy, reference_probe
-from tests.callbacks.test_step_graph import Interrupt, fit_sweep, fit_three_probes, fit_with_changing_rate
 from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
+from tests.graph.test_graphed_step import Interrupt, fit_sweep, fit_three_probes, fit_with_changing_rate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -165,7 +165,7 @@ class ReplacingTop1(Top1Accuracy):
 
 
 @pytest.mark.parametrize("metric", [SyncingTop1, ReplacingTop1])
-def test_a_metric_a_graph_cannot_hold_is_updated_outside_it(metric):
+def test_a_metric_a_graph_cannot_hold_leaves_the_step_eager(metric):
     def run(cuda_graph):
         model = make_module(optim={"type": "SGD", "lr": 0.05})
         torch.manual_seed(3)
@@ -184,7 +184,8 @@ def test_a_metric_a_graph_cannot_hold_is_updated_outside_it(metric):
         return model, probe, trainer
 
     model, probe, trainer = run(None)
-    assert probe.graphed_steps > 0 and probe._graph_failures == 1 and probe._graph_metrics == []
+    # The capture fails (a host sync, or rebound states), is undone, and the step runs eagerly for good.
+    assert probe.graphed_steps == 0 and probe.stepper.steps == 2 * 8
     reference, _, reference_trainer = run(False)
     for (key, x), y in zip(reference.state_dict().items(), model.state_dict().values()):
         assert torch.equal(x, y), key

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torchmetrics
 
+from sslprobe._internals import record_metric_update
 from sslprobe._metrics import (
     Top1Accuracy,
     capturable_metric,
-    mark_updated,
     metric_states,
     normalize_metrics,
     snake_case,
@@ -77,5 +77,5 @@ def test_capturable_metrics_and_marked_updates():
     metric.correct.add_(3)
     metric.total.add_(4)
     assert not metric.update_called
-    mark_updated(metric)  # what a replay of a captured update records
+    record_metric_update(metric)  # what a replay of a captured update records
     assert metric.update_called and metric.compute() == 0.75

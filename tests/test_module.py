@@ -82,9 +82,9 @@ def test_frozen_model_counts_steps_and_stops_at_max_steps():
     seen = []
 
     class Spy(OnlineProbe):
-        def compute_loss(self, trainer, pl_module, outputs, batch, batch_idx):
+        def select_inputs(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append(outputs["embedding"].requires_grad)
-            return super().compute_loss(trainer, pl_module, outputs, batch, batch_idx)
+            return super().select_inputs(trainer, pl_module, outputs, batch, batch_idx)
 
     probe = Spy(model, "linear", "embedding", "label", probe=nn.Linear(D_EMB, NUM_CLASSES))
     trainer = make_trainer(max_steps=9, max_epochs=-1, callbacks=[probe])

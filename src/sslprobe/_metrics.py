@@ -8,10 +8,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import WarningCache
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
 from sslprobe._containers import is_reserved_key
+from sslprobe._distributed import all_reduce_sum_, world_size
+from sslprobe._internals import metric_state_names
+
+warning_cache = WarningCache()
 
 __all__ = [
     "STAGE_KEY",
@@ -20,11 +25,11 @@ __all__ = [
     "MetricsSpec",
     "Top1Accuracy",
     "capturable_metric",
+    "computed_loader_metrics",
     "evaluated_loaders",
     "loader_metrics",
     "loader_suffix",
     "log_loader_metrics",
-    "mark_updated",
     "metric_states",
     "normalize_metrics",
     "reset_metric",
@@ -91,25 +96,63 @@ def loader_suffix(trainer: Any, split: str, loader: int) -> str:
     return f"/dataloader_idx_{loader}" if several else ""
 
 
-def log_loader_metrics(pl_module: Any, container: torch.nn.ModuleDict, name: str, split: str, *, skip: bool) -> None:
-    """Log ``{prefix}/{name}_{metric}`` of every evaluated loader of ``split`` (once per epoch), then reset them all.
+def computed_loader_metrics(
+    pl_module: Any, container: torch.nn.ModuleDict, name: str, split: str, *, skip: bool = False, owner: str = ""
+) -> list[tuple[int, str, dict[str, Tensor]]]:
+    """``(loader, log suffix, {metric: value})`` of every evaluated loader of ``split``; every metric reset after.
 
-    One loader keeps the plain names; several get Lightning's own suffix (:func:`loader_suffix`), one number per
-    loader. A metric that saw no batch is not logged; with ``skip`` (a sanity check) nothing is.
+    One loader gets the plain names; several get Lightning's own suffix (:func:`loader_suffix`), one number per
+    loader. A metric that saw no batch gives no value, nor does a count that saw no labelled sample (0/0 is no
+    number: said once per key); with ``skip`` (a sanity check) nothing does. ``compute`` reduces across processes.
     """
+    computed = []
     for loader, metrics in evaluated_loaders(container, split):
         suffix = loader_suffix(pl_module.trainer, split, loader)
+        values = {}
         for key, metric in metrics.items():
             if metric.update_called and not skip:
-                pl_module.log(
-                    f"{STAGE_PREFIX[split]}/{name}_{key}{suffix}",
-                    metric.compute(),  # torchmetrics reduces across processes here
-                    on_step=False,
-                    on_epoch=True,
-                    prog_bar=split == "val",
-                    add_dataloader_idx=False,
-                )
+                log_key = f"{STAGE_PREFIX[split]}/{name}_{key}{suffix}"
+                if _has_labelled_samples(metric, log_key, owner):
+                    values[key] = metric.compute()
             reset_metric(metric)
+        computed.append((loader, suffix, values))
+    return computed
+
+
+def log_loader_metrics(
+    pl_module: Any, container: torch.nn.ModuleDict, name: str, split: str, *, skip: bool = False, owner: str = ""
+) -> None:
+    """Log ``{prefix}/{name}_{metric}`` of every evaluated loader of ``split`` (once per epoch), then reset them all.
+
+    See :func:`computed_loader_metrics` for what is logged.
+    """
+    for _, suffix, values in computed_loader_metrics(pl_module, container, name, split, skip=skip, owner=owner):
+        for key, value in values.items():
+            pl_module.log(
+                f"{STAGE_PREFIX[split]}/{name}_{key}{suffix}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                sync_dist=False,
+                prog_bar=split == "val",
+                add_dataloader_idx=False,
+            )
+
+
+def _has_labelled_samples(metric: torch.nn.Module, key: str, owner: str) -> bool:
+    """False (with a warning, once per key) when a top-1 count saw no labelled sample on any process."""
+    total = getattr(metric, "total", None)
+    if not isinstance(metric, InPlaceReset) or not isinstance(total, Tensor):
+        return True
+    if world_size() > 1:
+        total = total.clone()
+        all_reduce_sum_([total])
+    if int(total) > 0:  # one sync per epoch
+        return True
+    warning_cache.warn(
+        f"{owner}: {key} is not logged: no sample of this epoch had a label (every target was the loss's ignore_index)."
+    )
+    return False
 
 
 def capturable_metric(metric: torch.nn.Module) -> bool:
@@ -128,22 +171,13 @@ def capturable_metric(metric: torch.nn.Module) -> bool:
         isinstance(metric, Metric)
         and getattr(metric, "updates_in_place", False) is True
         and not metric.compute_on_cpu
-        and all(isinstance(default, Tensor) for default in metric._defaults.values())
-        and hasattr(metric, "_update_count")
+        and all(isinstance(getattr(metric, name), Tensor) for name in metric_state_names(metric))
     )
 
 
 def metric_states(metric: Metric) -> list[Tensor]:
     """The tensors that hold ``metric``'s state (torchmetrics' ``add_state`` table)."""
-    return [getattr(metric, name) for name in metric._defaults]
-
-
-def mark_updated(metric: Metric) -> None:
-    """Record one update of ``metric`` made by a CUDA graph replay (what torchmetrics' update wrapper records)."""
-    # Plain attributes, written past nn.Module.__setattr__ (a replay records this at every step).
-    attributes = vars(metric)
-    attributes["_computed"] = None
-    attributes["_update_count"] += 1
+    return [getattr(metric, name) for name in metric_state_names(metric)]
 
 
 def snake_case(name: str) -> str:
@@ -173,7 +207,7 @@ class InPlaceReset(Metric):
     """
 
     def reset(self) -> None:
-        kept = {name: getattr(self, name) for name in self._defaults}
+        kept = {name: getattr(self, name) for name in metric_state_names(self)}
         super().reset()
         for name, old in kept.items():
             new = getattr(self, name)

@@ -12,10 +12,12 @@ from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_tr
 class RegressionProbe(TrainableCallback):
     """A new kind of probe written against the base: only its module and its loss."""
 
-    def compute_loss(self, trainer, pl_module, outputs, batch, batch_idx):
-        features = outputs["embedding"].detach()
-        target = batch["x"][:, :2]  # regress two input coordinates from the embedding
-        return F.mse_loss(self.trainable_module(pl_module)(features), target)
+    def select_inputs(self, trainer, pl_module, outputs, batch, batch_idx):
+        return outputs["embedding"], batch["x"][:, :2]  # regress two input coordinates from the embedding
+
+    def compute_loss(self, module, features, target):
+        assert not features.requires_grad  # detached by the base: the loss cannot reach the main model
+        return F.mse_loss(module(features), target)
 
 
 def test_a_subclass_needs_only_its_module_and_loss(tmp_path):

@@ -457,7 +457,7 @@ def test_probe_on_pieces_trains_and_resumes_exactly_as_on_whole_tensors(tmp_path
 
     def run(cut: bool, interrupt_at_epoch: int | None = None, ckpt_path: str | None = None):
         # On a GPU a fused AdamW probe steps on flat pieces; forced here on the CPU, where the kernel also runs.
-        monkeypatch.setattr(stepper_module, "_cuts_by_default", lambda params, optimizer: cut)
+        monkeypatch.setattr(stepper_module, "_cuts", lambda params, optimizer: cut)
         model = make_module(optim={"type": "SGD", "lr": 0.05})
         torch.manual_seed(3)
         probe = OnlineProbe(model, "wide", "embedding", "label", probe=nn.Linear(D_EMB, 300), optimizer="AdamW")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import torch
 
+from sslprobe.optim import stepper as stepper_module
 from sslprobe.optim._pieces import PieceCache, cut_alike
 from sslprobe.optim.conditional_step import conditional_step
 from sslprobe.optim.stepper import Stepper
@@ -65,14 +66,14 @@ def test_fused_adam_on_pieces_equals_torch_fused_adam_bit_for_bit():
             assert torch.equal(ours.state[p][key], theirs.state[q][key]), key
 
 
-def test_a_stepper_on_pieces_trains_exactly_as_one_on_whole_tensors():
+def test_a_stepper_on_pieces_trains_exactly_as_one_on_whole_tensors(monkeypatch):
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(100, 2048) * 0.01) for _ in range(2)]
     weights[1].data.copy_(weights[0])
-    steppers = [
-        Stepper([w], torch.optim.AdamW([w], lr=0.01, fused=True), cut_pieces=cut)
-        for w, cut in zip(weights, (True, False))
-    ]
+    steppers = []
+    for w, cut in zip(weights, (True, False)):
+        monkeypatch.setattr(stepper_module, "_cuts", lambda params, optimizer, cut=cut: cut)
+        steppers.append(Stepper([w], torch.optim.AdamW([w], lr=0.01, fused=True)))
     x = torch.randn(8, 2048)
     for i in range(4):
         if i == 2:
@@ -84,9 +85,10 @@ def test_a_stepper_on_pieces_trains_exactly_as_one_on_whole_tensors():
     assert int(steppers[0].skipped) == int(steppers[1].skipped) == 1
 
 
-def test_the_stepper_finds_a_non_finite_value_in_the_last_piece_and_keeps_no_gradient():
+def test_the_stepper_finds_a_non_finite_value_in_the_last_piece_and_keeps_no_gradient(monkeypatch):
     w = torch.nn.Parameter(torch.zeros(100, 2048))
-    stepper = Stepper([w], torch.optim.AdamW([w], lr=0.1, fused=True), cut_pieces=True)  # as on a GPU
+    monkeypatch.setattr(stepper_module, "_cuts", lambda params, optimizer: True)  # as on a GPU
+    stepper = Stepper([w], torch.optim.AdamW([w], lr=0.1, fused=True))
     stepper.backward((w[0, 0] - 1.0) ** 2)  # the first step creates Adam's state (the regular path)
     # A finite loss (0) whose gradient is 3e38 + 3e38 = inf at the very last element of the weight only.
     before = w.detach().clone()

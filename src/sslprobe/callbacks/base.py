@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import operator
@@ -21,8 +22,10 @@ from typing_extensions import override
 from sslprobe._build import ModuleSpec, build_module, has_uninitialized_params
 from sslprobe._containers import WITH_PROBES, CallbackModuleDict, ensure_containers, is_reserved_key
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum, broadcast_, world_size
+from sslprobe._internals import logs_this_step
 from sslprobe._rng import PrivateRNG, needs_private_rng
 from sslprobe._run_length import run_length
+from sslprobe.graph import GraphedStep, StepParts
 from sslprobe.optim.factories import (
     OptimizerSpec,
     SchedulerSpec,
@@ -98,15 +101,18 @@ def check_name(name: Any, cls: str) -> str:
 class TrainableCallback(Callback):
     """Base of callbacks that train their own module on the side, with their own optimizer and schedule.
 
-    The module lives in ``module.callbacks_modules[name]`` (registered at construction, so it is part of the
-    LightningModule's ``state_dict``, moves with it and loads strictly into a fresh module). After every training
-    batch the callback asks :meth:`compute_loss` for a loss, and a :class:`~sslprobe.optim.stepper.Stepper` turns
-    it into an update: gradients by ``torch.autograd.grad`` (the main optimizer never sees them, even when it was
-    built over ``self.parameters()``), accumulation over ``accumulate_grad_batches`` batches, clipping, and a step
-    that a non-finite batch cannot corrupt, all without a host sync. Under DDP the module is kept out of the main
-    model's gradient reduction and its own gradients are averaged in one collective per step.
+    The module lives in ``module.callbacks_modules[name]``. After every training batch the callback takes the
+    batch's inputs (:meth:`select_inputs`, on the host) and runs one training step on them, written once in this
+    class: :meth:`compute_step` (the forward and the loss), then a :class:`~sslprobe.optim.stepper.Stepper` turns
+    the loss into an update: gradients by ``torch.autograd.grad`` (the main optimizer never sees them, even when it
+    was built over ``self.parameters()``), accumulation over ``accumulate_grad_batches`` batches, clipping, and a
+    step that a non-finite batch cannot corrupt, all without a host sync. On a GPU that step is captured once as a
+    CUDA graph and replayed (see ``cuda_graph`` and :class:`~sslprobe.graph.GraphedStep`); :meth:`finish_step`
+    then does the host's part. Under DDP the module is kept out of the main model's gradient reduction and its own
+    gradients are averaged in one collective per step.
 
-    A subclass supplies the module (``trainable``) and :meth:`compute_loss`; it logs ``train/{name}_loss``.
+    A subclass supplies the module (``trainable``), :meth:`select_inputs` and :meth:`compute_loss` (or
+    :meth:`compute_step`); it logs ``train/{name}_loss``.
 
     Args:
         module: the LightningModule whose training the callback rides on.
@@ -119,6 +125,13 @@ class TrainableCallback(Callback):
         accumulate_grad_batches: step once every N training batches, on the mean gradient of those N.
         gradient_clip_val: clip the module's gradients to this value before its step, or ``None``.
         gradient_clip_algorithm: ``"norm"`` (total L2 norm) or ``"value"`` (element-wise).
+        cuda_graph: on a GPU, capture the training step as a CUDA graph after two eager steps and replay it: one
+            launch instead of dozens, with the numbers of the eager step. ``None`` (default) does so where the step
+            allows it: one process, no accumulation, no scheduler that moves the rate at every step (an epoch one is
+            captured again at each change), a fused Adam(W) or LARS optimizer, no dropout, layers of ``torch.nn``
+            and sslprobe only, and sslprobe's own :meth:`compute_step`. Inputs of other shapes run eagerly.
+            ``True`` also captures other code (it must read no Python value that changes, draw no random numbers
+            and change state only in place) and warns where it cannot capture; ``False`` never captures.
 
     Raises:
         ValueError: for a bad value or a name already used on ``module``.
@@ -129,9 +142,10 @@ class TrainableCallback(Callback):
         >>> import torch.nn.functional as F
         >>> from sslprobe import Module
         >>> class RegressionProbe(TrainableCallback):
-        ...     def compute_loss(self, trainer, pl_module, outputs, batch, batch_idx):
-        ...         features, target = outputs["embedding"].detach(), batch[1]
-        ...         return F.mse_loss(self.trainable_module(pl_module)(features), target)
+        ...     def select_inputs(self, trainer, pl_module, outputs, batch, batch_idx):
+        ...         return outputs["embedding"], batch[1]
+        ...     def compute_loss(self, module, features, target):
+        ...         return F.mse_loss(module(features), target)
         >>> model = Module(forward=lambda self, b, stage: {"embedding": self.net(b[0])}, net=torch.nn.Linear(4, 8))
         >>> probe = RegressionProbe(model, "regression", torch.nn.Linear(8, 1), optimizer="SGD")
         >>> model.callbacks_modules["regression"]
@@ -148,6 +162,7 @@ class TrainableCallback(Callback):
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
+        cuda_graph: bool | None = None,
     ) -> None:
         cls = type(self).__name__
         name = check_name(name, cls)
@@ -180,6 +195,8 @@ class TrainableCallback(Callback):
                 f"{owner}: gradient_clip_algorithm must be one of {_ALLOWED_CLIP_ALGORITHMS}, "
                 f"got {gradient_clip_algorithm!r}."
             )
+        if not (cuda_graph is None or isinstance(cuda_graph, bool)):
+            raise TypeError(f"{owner}: cuda_graph must be None (when possible), True or False, got {cuda_graph!r}.")
         self._check_optimizer_forms(optimizer, scheduler, owner)
         self._rng = PrivateRNG()
         self._trainable_spec = trainable
@@ -189,7 +206,13 @@ class TrainableCallback(Callback):
         self.accumulate_grad_batches = accumulate_grad_batches
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.cuda_graph = cuda_graph
         self._owner = owner
+        self._graphed = GraphedStep(owner, cuda_graph)
+        # Whether the captured code (compute_step and compute_loss) is sslprobe's own (see `cuda_graph`).
+        self._known_step = all(
+            getattr(type(self), name).__module__.startswith("sslprobe.") for name in ("compute_step", "compute_loss")
+        )
         self._stepper: Stepper | None = None
         self._parked_state: dict[str, Any] | None = None
         self._rng_needed: tuple[tuple[int, bool], bool, bool] | None = None
@@ -236,18 +259,59 @@ class TrainableCallback(Callback):
 
     # ------------------------------------------------------------------ what a subclass supplies
 
-    def compute_loss(
+    def select_inputs(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> Tensor | None:
-        """The loss of the trainable module on this training batch, or ``None`` to skip the batch.
+    ) -> tuple[Tensor, ...] | None:
+        """The tensors this training batch's step reads (features, targets), or ``None`` to skip the batch.
 
-        Runs after the main model's step, with gradients enabled and the module in train mode. Detach anything
-        taken from the main model: the loss must not reach its parameters.
+        Runs on the host after the main model's step, every batch; check the inputs here. They are detached before
+        the step, so the loss never reaches the main model.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss().")
+        raise NotImplementedError(f"{type(self).__name__} must implement select_inputs().")
 
-    def logged_loss(self, loss: Tensor) -> Tensor:
-        """The value logged as ``train/{name}_loss`` for the loss :meth:`compute_loss` returned (default: itself)."""
+    def compute_loss(self, module: nn.Module, *inputs: Tensor) -> Tensor:
+        """The loss of ``module`` on the inputs :meth:`select_inputs` gave (detached), as a 0-dim tensor.
+
+        Runs with gradients enabled and the module in train mode, eagerly or captured in a CUDA graph (see
+        ``cuda_graph``): change state only in place.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_loss() or compute_step().")
+
+    def compute_step(self, module: nn.Module, *inputs: Tensor) -> tuple[Tensor, Any]:
+        """The loss and anything else of the step that :meth:`finish_step` needs (default: no extras).
+
+        The device part of the step before the update; like :meth:`compute_loss`, it must change state only in
+        place. A replay returns the very tensors the capture returned, overwritten at each replay.
+        """
+        return self.compute_loss(module, *inputs), None
+
+    def finish_step(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        inputs: tuple[Tensor, ...],
+        extras: Any,
+        shared: bool,
+    ) -> None:
+        """The host part of every step, after the update: use the ``extras`` of :meth:`compute_step`.
+
+        ``shared`` is True when they are a CUDA graph's outputs, which the next replay overwrites: copy what you keep.
+        """
+
+    def collect_step_state(
+        self, pl_module: pl.LightningModule
+    ) -> tuple[dict[str, nn.Module], dict[str, Any], list[Tensor]]:
+        """What the step reads or writes beyond the module and its optimizer, for the CUDA graph to watch.
+
+        Returns other modules it runs (a loss with weights), metrics it updates, and tensors it changes in place,
+        each by name where named. The graph is captured again when any of them is replaced.
+        """
+        return {}, {}, []
+
+    def logged_loss(self, loss: Tensor, extras: Any) -> Tensor:
+        """The value logged as ``train/{name}_loss`` for a step's loss and extras (default: the loss)."""
         return loss
 
     # ------------------------------------------------------------------ accessors
@@ -266,6 +330,11 @@ class TrainableCallback(Callback):
     def skipped_batches(self) -> int:
         """Training batches skipped so far because their features or loss were not finite (reading syncs)."""
         return 0 if self._stepper is None else int(self._stepper.skipped)
+
+    @property
+    def graphed_steps(self) -> int:
+        """Training steps replayed from a CUDA graph so far (see ``cuda_graph``); the others ran eagerly."""
+        return self._graphed.graphed_steps
 
     def trainable_module(self, pl_module: nn.Module) -> nn.Module:
         """This callback's module inside ``pl_module``."""
@@ -317,31 +386,49 @@ class TrainableCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Compute the loss on this batch and let the stepper accumulate it and step."""
+        """Train the module one step on this batch: replayed from a CUDA graph where it can be, else eagerly."""
         module = self.trainable_module(pl_module)
         if not module.training:
             module.train()
-        was_lazy = self._stepper is None and has_uninitialized_params(module)
+        inputs = self.select_inputs(trainer, pl_module, outputs, batch, batch_idx)
+        if inputs is None:
+            return
+        inputs = tuple(inputs)
+        step = functools.partial(self._step, trainer, module)
+        stepper = self._stepper
+        if stepper is None:  # a lazy module: its parameters, and so its optimizer, exist after this first step
+            (loss, extras), shared = step(*inputs), False
+        else:
+            modules, metrics, tensors = self.collect_step_state(pl_module)
+            tensors = [*tensors, *self._buffers_of(module)[1]]
+            parts = StepParts(module, stepper, modules, metrics, tensors, owner=self, known_code=self._known_step)
+            (loss, extras), shared = self._graphed.run(step, inputs, parts)
+        self._stepper.end_step()
+        self.finish_step(trainer, pl_module, outputs, batch, inputs, extras, shared)
+        self._log_loss(trainer, pl_module, loss, extras, shared)
+
+    def _step(self, trainer: pl.Trainer, module: nn.Module, *inputs: Tensor) -> tuple[Tensor, Any]:
+        """The training step on the device, written once: run eagerly, or captured and replayed by the graph."""
+        lazy = self._stepper is None and has_uninitialized_params(module)
         # Running statistics (BatchNorm) change in the forward: keep a copy to undo a non-finite batch.
-        buffers, saved = ([], []) if was_lazy else self._buffers_of(module)
+        buffers, saved = ([], []) if lazy else self._buffers_of(module)
         if buffers:
             torch._foreach_copy_(saved, buffers)
         with self._private_rng(module), torch.enable_grad():
-            loss = self.compute_loss(trainer, pl_module, outputs, batch, batch_idx)
-        if loss is None:
-            return
-        if was_lazy and world_size() > 1:
+            loss, extras = self.compute_step(module, *(x.detach() for x in inputs))
+        if lazy and world_size() > 1:
             broadcast_([*module.parameters(), *module.buffers()])
-        # Parameters are checked against the module at on_train_start; per step only a lazy first build remains.
+        # Parameters are checked against the module at on_train_start; per step only a lazy first build remains
+        # (never under a capture, which comes after eager steps).
         stepper = self._stepper if self._stepper is not None else self._ensure_stepper(trainer, module)
-        stepper.backward(loss)
-        if buffers and stepper.last_found is not None:
-            restore_where_skipped(buffers, saved, stepper.last_found)
-        elif was_lazy and stepper.last_found is not None and bool(stepper.last_found):
+        found = stepper.device_step(loss)
+        if buffers:
+            restore_where_skipped(buffers, saved, found)
+        elif lazy and bool(found):
             # A lazy module's first batch made its buffers, so none were saved: when that batch is skipped, its
             # running statistics start afresh (one sync, at the first batch only).
             reset_running_stats(module)
-        self._log_loss(trainer, pl_module, loss)
+        return loss.detach(), extras
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -354,6 +441,16 @@ class TrainableCallback(Callback):
             if skipped:
                 self._skip_warned = True
                 rank_zero_warn(self._skipped_message(skipped), category=RuntimeWarning)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Release the CUDA graph and the tensors it keeps alive (the next fit warms up and captures afresh)."""
+        self._graphed.release()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Release the CUDA graph when a fit stops on an error, as at its end."""
+        self._graphed.release()
 
     def _skipped_message(self, skipped: int) -> str:
         """What the warning about ``skipped`` skipped batches says (said once)."""
@@ -474,18 +571,22 @@ class TrainableCallback(Callback):
 
     def _build_scheduler(self, trainer: pl.Trainer, optimizer: Optimizer) -> tuple[Any, str]:
         spec, interval = split_interval(self.scheduler, owner=self._owner)
+        if spec is None and not all("lr" in group for group in optimizer.param_groups):
+            return None, interval  # per-parameter rates (ProbeSweep's heads), which no default schedule moves
         total = run_length(trainer, interval, every=self.accumulate_grad_batches)
         return create_scheduler(spec, optimizer, total=total, owner=self._owner), interval
 
-    def _log_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor, shared: bool = False) -> None:
+    def _log_loss(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor, extras: Any, shared: bool
+    ) -> None:
         # A Lightning log call costs about a millisecond of Python; a per-step value only ever reaches the
         # logger on its log_every_n_steps cadence. So the loss is logged on exactly those steps (and the last
         # step of each epoch, so callback_metrics holds a fresh value), averaged across processes only then.
         # A `shared` loss is overwritten by the next step (a CUDA graph's output): the logged value is a copy.
-        logger_step = _logs_this_step(trainer)
+        logger_step = logs_this_step(trainer)
         if not (logger_step or _last_step_of_epoch(trainer)):
             return
-        value = self.logged_loss(loss).detach()
+        value = self.logged_loss(loss, extras).detach()
         if shared:
             value = value.clone()
         if world_size() > 1 and trainer.loggers and logger_step:
@@ -566,18 +667,3 @@ def _last_step_of_epoch(trainer: pl.Trainer) -> bool:
     if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
         return True
     return 0 < trainer.max_steps <= trainer.global_step
-
-
-def _logs_this_step(trainer: pl.Trainer) -> bool:
-    """Whether Lightning's logger connector records this training step (its ``should_update_logs``)."""
-    # The same arithmetic as the connector's property, read from the loop directly: the property walks every
-    # loop to find the active one, which costs more than the rest of a probe's bookkeeping.
-    stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", None)
-    every = trainer.log_every_n_steps
-    if isinstance(stepped, int):
-        return every > 0 and ((stepped + 1) % every == 0 or trainer.should_stop)
-    connector = getattr(trainer, "_logger_connector", None)
-    should = getattr(connector, "should_update_logs", None)
-    if isinstance(should, bool):
-        return should
-    return every > 0 and (trainer.global_step + 1) % every == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import MutableMapping
 from typing import Any, Literal
 
@@ -18,54 +17,26 @@ from sslprobe._distributed import all_reduce_mean_, all_reduce_sum_, world_size
 from sslprobe._metrics import (
     STAGE_KEY,
     STAGE_PREFIX,
-    InPlaceReset,
     MetricsSpec,
     Top1Accuracy,
     capturable_metric,
-    evaluated_loaders,
+    computed_loader_metrics,
     loader_metrics,
-    loader_suffix,
-    mark_updated,
-    metric_states,
     normalize_metrics,
     reset_metric,
 )
-from sslprobe._rng import needs_private_rng
-from sslprobe.callbacks._step_graph import Rollback, StepGraph, host_settings, module_tensors
-from sslprobe.callbacks.base import TrainableCallback, check_name, ensure_containers, restore_where_skipped
+from sslprobe.callbacks._probe_checks import check_features, check_target
+from sslprobe.callbacks.base import TrainableCallback, check_name, ensure_containers
 from sslprobe.layer import LayerReader
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
-from sslprobe.optim.stepper import Stepper
 from sslprobe.probes.feature_norm import FeatureNorm
 
 __all__ = ["OnlineProbe"]
 
-log = logging.getLogger(__name__)
 warning_cache = WarningCache()
 
-# Eager training steps before the step is captured as a CUDA graph: the first creates the optimizer's state, the
-# second runs on it as every later step will.
-_GRAPH_WARMUP = 2
 # Integer labels that cross-entropy and the metrics cannot index with: converted to int64.
 _NARROW_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.uint8)
-_POOL_HINT = (
-    " HINT: pool the features to (B, D) first (mean over tokens or space, a CLS token, or sslprobe.Layer(path, "
-    "pool='auto')), use a probe that flattens them (LinearProbe, MLPProbe), or use AttentiveProbe for tokens "
-    "(B, N, D)."
-)
-
-
-def _known_module(module: nn.Module) -> bool:
-    """A layer of torch.nn or of sslprobe: its forward reads no Python value that changes between steps."""
-    return type(module).__module__.startswith(("torch.nn.", "sslprobe."))
-
-
-def _first_param(module: nn.Module) -> Tensor | None:
-    for p in module.parameters():
-        return p
-    for b in module.buffers():
-        return b
-    return None
 
 
 class OnlineProbe(LayerReader, TrainableCallback):
@@ -104,14 +75,10 @@ class OnlineProbe(LayerReader, TrainableCallback):
         metrics: a ``torchmetrics.Metric``, a list/tuple of them, a dict name -> Metric, or
             ``{"train": ..., "val": ...}``; ``None`` tracks top-1 accuracy (``top1``) with cross-entropy, nothing
             with another loss.
-        cuda_graph: on a GPU, capture the probe's whole training step (forward, loss, gradients, update, metric
-            counts) as a CUDA graph after two eager steps and replay it: one launch instead of dozens, with the
-            numbers of the eager step. ``None`` (default) does so where the step allows it: one process, no
-            accumulation, no scheduler that moves the rate at every step (an epoch one is captured again at each
-            change), a fused Adam(W) or LARS optimizer, no dropout, layers of ``torch.nn`` and sslprobe only.
-            Batches of another shape run eagerly. ``True`` also captures other layers (their forward must read no
-            Python value that changes and draw no random numbers) and warns where it cannot capture; ``False``
-            never captures.
+        cuda_graph: on a GPU, the probe's whole training step (forward, loss, gradients, update, top-1 counts)
+            is captured as a CUDA graph after two eager steps and replayed, with the numbers of the eager step;
+            ``None`` where the step allows it, ``True`` also for layers sslprobe does not know, ``False`` never
+            (see :class:`TrainableCallback`).
 
     Raises:
         ValueError: for bad values, or a name already used on ``module``.
@@ -154,8 +121,6 @@ class OnlineProbe(LayerReader, TrainableCallback):
     ) -> None:
         name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
-        if not (cuda_graph is None or isinstance(cuda_graph, bool)):
-            raise TypeError(f"{owner}: cuda_graph must be None (when possible), True or False, got {cuda_graph!r}.")
         input = check_locator(input, "input", owner)
         target = check_locator(target, "target", owner)
         if isinstance(loss_fn, type):
@@ -169,13 +134,19 @@ class OnlineProbe(LayerReader, TrainableCallback):
             )
         if probe is None:
             raise TypeError(f"{owner}: probe is required, e.g. probe=LinearProbe(num_classes=10).")
-        loss = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
-        self.metrics = metrics
+        normalize_metrics(metrics, owner)  # a bad form fails now, even when the module is bound at setup
         self.input = input
         self.target = target
-        self._loss = loss
-        # Built now, so that a bad form fails at construction even when the module is bound at setup.
-        self._unregistered_metrics: nn.ModuleDict | None = self._metric_modules(metrics, loss, owner)
+        self.loss_fn = loss_fn
+        self.metrics = metrics
+        self._loss = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
+        self._loss_device: torch.device | None = None
+        self._checked: set[str] = set()  # stages whose first batch was checked
+        self._in_step: dict[str, Any] = {}  # train metrics updated inside the step (a CUDA graph can hold them)
+        self._after_step: list[Any] = []  # the other train metrics, updated after it
+        self._single_sample_batches = 0  # skipped: a batch-statistics layer cannot train on one sample
+        self._unlabelled: Tensor | None = None  # batches whose every target was ignore_index (a device count)
+        self._warned: set[str] = set()
         super().__init__(
             module,
             name,
@@ -185,288 +156,110 @@ class OnlineProbe(LayerReader, TrainableCallback):
             accumulate_grad_batches=accumulate_grad_batches,
             gradient_clip_val=gradient_clip_val,
             gradient_clip_algorithm=gradient_clip_algorithm,
+            cuda_graph=cuda_graph,
         )
-        self.input = input
-        self.target = target
-        self.loss_fn = loss_fn
-        self._loss_device: torch.device | None = None
-        self._checked: set[str] = set()
-        self.cuda_graph = cuda_graph
-        self._graph = StepGraph()
-        self._graph_key: tuple[Any, ...] | None = None  # (probe, stepper, device) the answer below is for
-        self._graph_blocker: str | None = None  # why this step cannot be captured, or None
-        self._graph_found: Tensor | None = None
-        self._graph_metrics: list[Any] = []  # train metrics updated inside the graph
-        self._graph_failures = 0
-        self._eager_steps = 0
-        self._graphed_steps = 0
-        self._single_sample_batches = 0  # skipped: a batch-statistics layer cannot train on one sample
-        self._unlabelled: Tensor | None = None  # batches whose every target was ignore_index (a device count)
-        self._batch_stat_layers: tuple[int, bool] | None = None  # (id of the probe, whether it has any)
-        self._eval_warned: set[str] = set()
 
     @override
     def _register(self, module: nn.Module) -> None:
-        metrics = self._unregistered_metrics
-        self._unregistered_metrics = None
-        if metrics is None:  # a second module: metrics of its own
-            metrics = self._metric_modules(self.metrics, self._loss, self._owner)
         _, callbacks_metrics = ensure_containers(module, self._owner)
-        callbacks_metrics[self.name] = metrics
+        callbacks_metrics[self.name] = self.build_metrics(module.callbacks_modules[self.name])
         self._attach_layer(module)
 
-    def _metric_modules(self, metrics: MetricsSpec, loss: Any, owner: str) -> nn.ModuleDict:
+    def build_metrics(self, probe: nn.Module) -> nn.ModuleDict:
         """``callbacks_metrics[name]``: one ModuleDict of metrics per stage (top-1 by default with cross-entropy)."""
+        loss = self._loss
         default = (
             {"top1": Top1Accuracy(ignore_index=loss.ignore_index)} if isinstance(loss, nn.CrossEntropyLoss) else {}
         )
-        splits = normalize_metrics(metrics, owner, default)
+        splits = normalize_metrics(self.metrics, self._owner, default)
         return nn.ModuleDict({STAGE_KEY[split]: nn.ModuleDict(m) for split, m in splits.items()})
 
-    # ------------------------------------------------------------------ the training loss
+    # ------------------------------------------------------------------ the training step
 
     @override
-    def compute_loss(
+    def select_inputs(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> Tensor | None:
-        probe = self.trainable_module(pl_module)
+    ) -> tuple[Tensor, Tensor] | None:
         features = self._features(outputs, batch)
         target = self._target(outputs, batch, required=True)
-        if features.shape[0] < 2 and self._normalises_batches(probe):
+        if features.shape[0] < 2 and self._normalises_batches(self.trainable_module(pl_module)):
             self._single_sample_batches += 1  # the probe is left as it is; said at the epoch's end
             return None
+        train = self._split_metrics(pl_module, "train")
+        self._in_step = {k: m for k, m in train.items() if capturable_metric(m)}
+        self._after_step = [m for k, m in train.items() if k not in self._in_step]
+        return features, target
+
+    @override
+    def compute_step(self, probe: nn.Module, features: Tensor, target: Tensor) -> tuple[Tensor, Any]:
         preds = self._forward(probe, features, "train")
         self._check_target(preds, target, "train")
         self._count_unlabelled(target)
-        loss, shown, extras = self._train_outputs(preds, target)
-        self._record_step(extras)
-        self._store_preds(shown, outputs, batch)
-        for metric in self._split_metrics(pl_module, "train").values():
-            metric.update(shown, target)
-        return loss
+        loss, extras = self.compute_probe_loss(preds, target)
+        preds = preds.detach()
+        for metric in self._in_step.values():
+            metric.update(preds, target)
+        return loss, (preds, extras)
 
-    def _train_outputs(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Any]:
-        """The device part of a training step after the forward.
-
-        Returns the loss, the detached predictions that the metrics and the batch get, and anything
-        :meth:`_record_step` keeps. It is replayed from a CUDA graph, so it must change state only in place.
-        """
-        return self._loss_on(preds.device)(preds, target), preds.detach(), None
-
-    def _record_step(self, extras: Any) -> None:
-        """The host part of a training step: keep ``extras`` of :meth:`_train_outputs`.
-
-        It runs once per training step, after the forward; an eager step calls it before the optimizer step and a
-        replayed one after, so it must not read the stepper.
-        """
-
-    def _graph_tensors(self) -> list[Tensor]:
-        """Tensors of this callback that :meth:`_train_outputs` changes in place (held by a CUDA graph)."""
-        return []
-
-    # ------------------------------------------------------------------ the training step as a CUDA graph
+    def compute_probe_loss(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Any]:
+        """The loss of the probe's predictions, and anything of it that :meth:`finish_step` keeps (default: none)."""
+        return self._loss_on(preds.device)(preds, target), None
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    def finish_step(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        inputs: tuple[Tensor, ...],
+        extras: Any,
+        shared: bool,
     ) -> None:
-        """Train the probe one step on this batch: replayed from a CUDA graph where it can be, else eagerly."""
-        if self.cuda_graph is False:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            return
-        probe = self.trainable_module(pl_module)
-        if not probe.training:
-            probe.train()
-        stepper = self._stepper
-        blocker = "the probe is still lazy" if stepper is None else self._graph_blocker_for(probe, stepper)
-        features = target = None
-        if blocker is None:
-            features = self._features(outputs, batch)
-            target = self._target(outputs, batch, required=True)
-            blocker = self._input_blocker(stepper, features, target)
-        graph = self._graph
-        if blocker is not None or (graph.captured and not graph.fits(features, target)):
-            # Another shape (the last, smaller batch) runs eagerly on the same tensors; the graph stays.
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            return
-        if graph.captured and not graph.current(*self._graph_state(probe, stepper, self._graph_metrics)):
-            # A move, a checkpoint load or a metric reset replaced tensors the graph writes to, or a learning rate
-            # (an epoch scheduler, a user) or another host value changed: capture again.
-            graph.drop()
-        warming = self._eager_steps < _GRAPH_WARMUP
-        if not graph.captured and (warming or not self._capture(pl_module, probe, stepper, features, target)):
-            self._eager_steps += 1
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-            return
-        loss, preds, extras = graph.replay(features, target)
-        self._graphed_steps += 1
-        stepper.end_step(self._graph_found)
-        self._record_step(extras)
-        preds = preds.clone()  # the graph's output is overwritten by the next replay
+        preds, _ = extras
+        if shared:
+            preds = preds.clone()  # the graph's output is overwritten by the next replay
         self._store_preds(preds, outputs, batch)
-        for metric in self._split_metrics(pl_module, "train").values():
-            if any(metric is captured for captured in self._graph_metrics):
-                mark_updated(metric)
-            else:
-                metric.update(preds, target)
-        self._log_loss(trainer, pl_module, loss, shared=True)
+        for metric in self._after_step:
+            metric.update(preds, inputs[1])
 
-    @property
-    def graphed_steps(self) -> int:
-        """Training steps replayed from a CUDA graph so far (see ``cuda_graph``); the others ran eagerly."""
-        return self._graphed_steps
+    @override
+    def collect_step_state(self, pl_module: pl.LightningModule) -> tuple[dict, dict, list[Tensor]]:
+        modules = {"loss": self._loss} if isinstance(self._loss, nn.Module) else {}
+        return modules, self._in_step, [] if self._unlabelled is None else [self._unlabelled]
 
-    def _graph_blocker_for(self, probe: nn.Module, stepper: Stepper) -> str | None:
-        """Why this probe's step cannot be a CUDA graph (None: it can), decided once per probe, optimizer and device.
+    def head_predictions(self, preds: Tensor) -> Tensor:
+        """The predictions of one probe, ``(B, C)``, for the batch and the target checks (a sweep: its best head)."""
+        return preds
 
-        A new optimizer (the probe's trainable parameters changed) or device starts afresh: two eager steps, and
-        two tries at capturing.
-        """
-        key = (id(probe), id(stepper), stepper.params[0].device)
-        if key != self._graph_key:
-            self._graph_key = key
-            self._graph.drop()
-            self._eager_steps = self._graph_failures = 0
-            self._set_blocker(self._graph_blocker_of(probe, stepper))
-        return self._graph_blocker
-
-    def _set_blocker(self, reason: str | None) -> None:
-        self._graph_blocker = reason
-        if reason is not None and self.cuda_graph:
-            warning_cache.warn(f"{self._owner}: cuda_graph=True, but the training step runs eagerly: {reason}.")
-
-    def _graph_blocker_of(self, probe: nn.Module, stepper: Stepper) -> str | None:
-        device = stepper.params[0].device
-        own = OnlineProbe
-        if type(self).compute_loss is not own.compute_loss or type(self)._forward is not own._forward:
-            return f"{type(self).__name__} overrides compute_loss or _forward, which a replay would not call"
-        if not stepper.direct:
-            return "it accumulates gradients or averages them across processes"
-        if stepper.rate_moves_every_step:
-            return (
-                "a scheduler moves the learning rate at every step (a constant rate, or a scheduler with "
-                "interval='epoch', lets the step be captured)"
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log ``train/{name}_{metric}`` for the epoch, then the base's scheduler and warnings."""
+        self._log_metrics(pl_module, "train")
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._single_sample_batches and "single" not in self._warned:
+            self._warned.add("single")
+            warning_cache.warn(
+                f"{self._owner}: skipped {self._single_sample_batches} training batch(es) of a single sample: the "
+                "probe normalises with batch statistics (BatchNorm/FeatureNorm), which one sample cannot give; the "
+                "probe was left unchanged by them. HINT: DataLoader(..., drop_last=True) avoids such a last batch."
             )
-        if needs_private_rng(probe):
-            return "the probe draws random numbers (dropout)"
-        if self.cuda_graph is None:
-            # Layers of torch.nn and sslprobe read no Python value that changes between steps; other code may (a
-            # counter, a schedule, a random draw), and a replay would repeat the value it had at capture.
-            unknown = sorted({type(m).__name__ for m in self._graph_modules(probe) if not _known_module(m)})
-            if unknown or not isinstance(self._loss, nn.Module):
-                what = ", ".join(unknown) if unknown else f"the loss {self._loss!r}"
-                return (
-                    f"it runs code sslprobe does not know ({what}). Pass cuda_graph=True to capture it anyway, if "
-                    "its forward reads no Python value that changes between steps and draws no random numbers"
-                )
-        if any(t.device != device for t in [*probe.parameters(), *probe.buffers()]):
-            return "the probe's tensors are on several devices"
-        if device.type != "cuda":
-            return f"the probe is on {device.type}, not on a CUDA device"
-        return None
 
-    def _input_blocker(self, stepper: Stepper, features: Tensor, target: Tensor) -> str | None:
-        device = stepper.params[0].device
-        if not features.is_floating_point() or features.device != device or target.device != device:
-            return "the features are not floating point on the probe's device"
-        return None
-
-    def _graph_modules(self, probe: nn.Module) -> tuple[nn.Module, ...]:
-        return (*probe.modules(), self._loss) if isinstance(self._loss, nn.Module) else tuple(probe.modules())
-
-    def _graph_state(self, probe: nn.Module, stepper: Stepper, metrics: list[Any]) -> tuple[list[Tensor], tuple]:
-        """What a replay depends on: the tensors and the host values it was captured with.
-
-        The tensors are every one it reads or writes besides its inputs and outputs; the host values are the
-        optimizer's hyperparameters and the layers' settings, which its kernels were given.
-        """
-        modules = self._graph_modules(probe)
-        held = module_tensors(modules)
-        held += stepper.tensors()
-        held += self._buffers_of(probe)[1]
-        held += self._graph_tensors()
-        held += [t for t in (self._graph_found, self._unlabelled) if t is not None]
-        for metric in metrics:
-            held += metric_states(metric)
-        return held, (stepper.settings(), host_settings(modules))
-
-    def _capture(
-        self, pl_module: pl.LightningModule, probe: nn.Module, stepper: Stepper, features: Tensor, target: Tensor
-    ) -> bool:
-        """Capture this probe's training step; False (with everything as it was) where it cannot be."""
-        if self._graph_failures >= 2:
-            return False
-        if not stepper.capturable:
-            # After the warm-up steps the optimizer's state exists, so this does not change by itself.
-            hint = getattr(
-                stepper.optimizer,
-                "graph_hint",
-                "use fused Adam/AdamW (the default for Adam/AdamW) or LARS without dampening",
-            )
-            self._set_blocker(
-                f"its optimizer ({type(stepper.optimizer).__name__}) is not one a graph can replay: {hint}"
-            )
-            return False
-        device = stepper.params[0].device
-        if self._graph_found is None or self._graph_found.device != device:
-            self._graph_found = torch.zeros((), dtype=torch.float32, device=device)
-        found = self._graph_found
-        # The first try updates the metrics inside the graph; if it fails, the second leaves them out.
-        train_metrics = dict(self._split_metrics(pl_module, "train").items())
-        captured = [m for m in train_metrics.values() if capturable_metric(m)] if self._graph_failures == 0 else []
-        buffers, saved = self._buffers_of(probe)
-
-        def body(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Any]:
-            if buffers:
-                torch._foreach_copy_(saved, buffers)
-            self._count_unlabelled(y)
-            with torch.enable_grad():
-                loss, shown, extras = self._train_outputs(probe(x), y)
-            for metric in captured:
-                metric.update(shown, y)
-            stepper.device_step(loss, found)
-            if buffers:
-                restore_where_skipped(buffers, saved, found)
-            return loss.detach(), shown, extras
-
-        # Capturing runs the body's Python once (its kernels are recorded, not run): what it rebinds is undone.
-        modules = {f"probe {name}" if name else "probe": m for name, m in probe.named_modules()}
-        if isinstance(self._loss, nn.Module):
-            modules["loss"] = self._loss
-        rollback = Rollback(
-            modules, stepper.optimizer, {n: m for n, m in train_metrics.items() if m in captured}, owner=self
+    @override
+    def _skipped_message(self, skipped: int) -> str:
+        unlabelled = 0 if self._unlabelled is None else int(self._unlabelled)
+        if not unlabelled:
+            return super()._skipped_message(skipped)
+        rest = skipped - unlabelled
+        message = (
+            f"{self._owner}: skipped {unlabelled} training batch(es) with no labelled sample (every target was the "
+            f"loss's ignore_index={self._loss.ignore_index}): there was nothing to learn from"
         )
-        error: BaseException | None = None
-        held, settings = self._graph_state(probe, stepper, captured)
-        try:
-            self._graph.capture(body, features, target, stepper.params[0].dtype, held, settings)
-        except Exception as err:  # an operation a graph cannot hold, e.g. a host sync in a metric or a loss
-            error = err
-        if error is None and not self._graph.current(*self._graph_state(probe, stepper, captured)):
-            error = RuntimeError("it rebinds state or changes Python values instead of updating tensors in place")
-        replaced = rollback.restore(keep=error is None)
-        if error is None:
-            self._graph_metrics = captured
-            log.debug("%s: captured the training step as a CUDA graph", self._owner)
-            return True
-        self._graph.drop()
-        self._graph_failures += 1
-        where = f" (it replaced {', '.join(replaced)})" if replaced else ""
-        message = f"{self._owner}: capturing the training step as a CUDA graph failed: {error}{where}"
-        if self._graph_failures < 2:
-            log.debug("%s; trying once more, with the metrics updated outside the graph", message)
-            return False
-        message += (
-            "; the step runs eagerly. HINT: update state in place (buffer.mul_(m).add_(x), not buffer = m * buffer "
-            "+ x) and read no host value in the step, or pass cuda_graph=False to skip the attempt."
-        )
-        if self.cuda_graph:
-            warning_cache.warn(message)
-        else:
-            log.info(message)
-        return False
+        if rest > 0:
+            message += f", and {rest} whose features, loss or gradients were not finite (check the main model)"
+        return message + "; the probe was left unchanged by them."
 
-    # ------------------------------------------------------------------ evaluation hooks
+    # ------------------------------------------------------------------ evaluation
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -520,44 +313,6 @@ class OnlineProbe(LayerReader, TrainableCallback):
             outputs[f"{self.name}_preds"] = batch[f"{self.name}_preds"]
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Release the CUDA graph and the tensors it keeps alive (the next fit warms up and captures afresh)."""
-        self._graph.drop()
-        self._graph_key = None
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Release the CUDA graph when a fit stops on an error, as at its end."""
-        self.on_train_end(trainer, pl_module)
-
-    @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log ``train/{name}_{metric}`` for the epoch, then the base's scheduler and warnings."""
-        self._log_metrics(pl_module, "train")
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._single_sample_batches and "single" not in self._eval_warned:
-            self._eval_warned.add("single")
-            warning_cache.warn(
-                f"{self._owner}: skipped {self._single_sample_batches} training batch(es) of a single sample: the "
-                "probe normalises with batch statistics (BatchNorm/FeatureNorm), which one sample cannot give; the "
-                "probe was left unchanged by them. HINT: DataLoader(..., drop_last=True) avoids such a last batch."
-            )
-
-    @override
-    def _skipped_message(self, skipped: int) -> str:
-        unlabelled = 0 if self._unlabelled is None else int(self._unlabelled)
-        if not unlabelled:
-            return super()._skipped_message(skipped)
-        rest = skipped - unlabelled
-        message = (
-            f"{self._owner}: skipped {unlabelled} training batch(es) with no labelled sample (every target was the "
-            f"loss's ignore_index={self._loss.ignore_index}): there was nothing to learn from"
-        )
-        if rest > 0:
-            message += f", and {rest} whose features, loss or gradients were not finite (check the main model)"
-        return message + "; the probe was left unchanged by them."
-
-    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log ``eval/{name}_{metric}`` over the whole validation set (all processes)."""
         self._end_evaluation(pl_module)
@@ -573,7 +328,27 @@ class OnlineProbe(LayerReader, TrainableCallback):
         self._end_evaluation(pl_module)
         self._log_metrics(pl_module, "test")
 
+    def log_metrics(self, pl_module: pl.LightningModule, split: str, loader: int, suffix: str, values: dict) -> None:
+        """Log the computed metrics of one loader of ``split`` (``{prefix}/{name}_{metric}{suffix}``)."""
+        for key, value in values.items():
+            pl_module.log(
+                f"{STAGE_PREFIX[split]}/{self.name}_{key}{suffix}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                sync_dist=False,
+                prog_bar=split == "val",
+                add_dataloader_idx=False,
+            )
+
     # ------------------------------------------------------------------ internals
+
+    def _log_metrics(self, pl_module: pl.LightningModule, split: str) -> None:
+        container = pl_module.callbacks_metrics[self.name]
+        for loader, suffix, values in computed_loader_metrics(
+            pl_module, container, self.name, split, owner=self._owner
+        ):
+            self.log_metrics(pl_module, split, loader, suffix, values)
 
     def _evaluate(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, stage: str, loader: int = 0
@@ -581,22 +356,19 @@ class OnlineProbe(LayerReader, TrainableCallback):
         probe = self.trainable_module(pl_module)
         if probe.training:
             probe.eval()
-        if stage != "predict" and not trainer.sanity_checking and has_uninitialized_params(probe):
+        lazy = has_uninitialized_params(probe)
+        if stage != "predict" and not trainer.sanity_checking and lazy:
             warning_cache.warn(
                 f"{self._owner}: evaluating a lazy probe before any training batch; its numbers are those of an "
                 "untrained probe."
             )
         features = self._features(outputs, batch)
         for norm in self._feature_norms(probe):
-            # A second loader (a shifted domain) is normalised with the first loader's statistics.
-            norm.frozen_eval = loader > 0
-        if has_uninitialized_params(probe):
-            # Lightning evaluates under inference mode; parameters materialised there could never be trained.
-            with torch.inference_mode(False), torch.no_grad(), self._private_rng(probe):
-                preds = self._forward(probe, features.clone(), stage)
-        else:
-            with torch.no_grad(), self._private_rng(probe):
-                preds = self._forward(probe, features, stage)
+            norm.frozen_eval = loader > 0  # a second loader (a shifted domain): the first loader's statistics
+        # Lightning evaluates under inference mode; parameters materialised there could never be trained.
+        inference = not lazy and torch.is_inference_mode_enabled()
+        with torch.inference_mode(inference), torch.no_grad(), self._private_rng(probe):
+            preds = self._forward(probe, features.clone() if lazy else features, stage)
         self._store_preds(preds, outputs, batch)
         if stage == "predict":
             return
@@ -608,10 +380,9 @@ class OnlineProbe(LayerReader, TrainableCallback):
             )
             return
         self._check_target(preds, target, stage)
-        if trainer.sanity_checking:
-            return
-        for metric in self._split_metrics(pl_module, stage, loader).values():
-            metric.update(preds, target)
+        if not trainer.sanity_checking:
+            for metric in self._split_metrics(pl_module, stage, loader).values():
+                metric.update(preds, target)
 
     def _features(self, outputs: Any, batch: Any) -> Tensor:
         features = features_of(self.input, outputs, batch, self._owner)
@@ -627,41 +398,17 @@ class OnlineProbe(LayerReader, TrainableCallback):
             target = target.long()  # cross-entropy and the metrics index with int64
         return target
 
-    def _normalises_batches(self, probe: nn.Module) -> bool:
-        """Whether ``probe`` normalises with batch statistics (BatchNorm, FeatureNorm): one sample cannot train it."""
-        cached = self._batch_stat_layers
-        if cached is None or cached[0] != id(probe):
-            has = any(isinstance(m, (nn.modules.batchnorm._NormBase, FeatureNorm)) for m in probe.modules())
-            cached = self._batch_stat_layers = (id(probe), has)
-        return cached[1]
-
-    def _count_unlabelled(self, target: Tensor) -> None:
-        """Count, on the device, a batch whose every target is the loss's ``ignore_index`` (its loss is NaN)."""
-        if not isinstance(self._loss, nn.CrossEntropyLoss) or target.is_floating_point():
-            return
-        if self._unlabelled is None or self._unlabelled.device != target.device:
-            self._unlabelled = torch.zeros((), dtype=torch.float32, device=target.device)
-        self._unlabelled.add_((target != self._loss.ignore_index).any().logical_not())
-
     def _forward(self, probe: nn.Module, features: Tensor, stage: str) -> Tensor:
-        reference = _first_param(probe)
         x = features.detach()
+        reference = next(iter(probe.parameters()), None)
+        reference = reference if reference is not None else next(iter(probe.buffers()), None)
         if reference is not None and (
             (x.is_floating_point() and x.dtype != reference.dtype) or x.device != reference.device
         ):
             x = x.to(device=reference.device, dtype=reference.dtype if x.is_floating_point() else x.dtype)
         if stage in self._checked:
             return probe(x)
-        expected = getattr(probe, "in_features", None)
-        flattens = getattr(probe, "flattens_input", False) and x.ndim > 2
-        size = x[0].numel() if flattens else x.shape[-1] if x.ndim >= 1 else 1
-        if isinstance(expected, int) and expected > 0 and size != expected:
-            flat = f", which it flattens to {size}" if flattens else ""
-            raise RuntimeError(
-                f"{self._owner}: features {self.input!r} have shape {tuple(x.shape)}{flat}, but the probe expects "
-                f"{expected} input features. Build the probe with in_features={size} (or leave it None to infer it)."
-                + (_POOL_HINT if x.ndim > 2 else "")
-            )
+        check_features(self._owner, self.input, x, probe)
         try:
             return probe(x)
         except RuntimeError as err:
@@ -671,56 +418,21 @@ class OnlineProbe(LayerReader, TrainableCallback):
             ) from err
 
     def _check_target(self, preds: Tensor, target: Tensor, stage: str) -> None:
-        if stage in self._checked:
+        if stage not in self._checked:
+            self._checked.add(stage)
+            check_target(self._owner, self._loss, self.input, self.target, self.head_predictions(preds), target)
+
+    def _normalises_batches(self, probe: nn.Module) -> bool:
+        """Whether ``probe`` normalises with batch statistics (BatchNorm, FeatureNorm): one sample cannot train it."""
+        return any(isinstance(m, (nn.modules.batchnorm._NormBase, FeatureNorm)) for m in probe.modules())
+
+    def _count_unlabelled(self, target: Tensor) -> None:
+        """Count, on the device, a batch whose every target is the loss's ``ignore_index`` (its loss is NaN)."""
+        if not isinstance(self._loss, nn.CrossEntropyLoss) or target.is_floating_point():
             return
-        self._checked.add(stage)
-        if not isinstance(self._loss, nn.CrossEntropyLoss):
-            return
-        if target.is_floating_point() and target.shape == preds.shape:
-            return  # class probabilities
-        if target.is_floating_point() or target.dtype == torch.bool:
-            raise RuntimeError(
-                f"{self._owner}: cross-entropy needs integer class indices as target, got {target.dtype} of shape "
-                f"{tuple(target.shape)}. Convert them with .long(), or pass loss_fn= for another kind of target."
-            )
-        if preds.ndim > 2 and target.ndim == 1:
-            raise RuntimeError(
-                f"{self._owner}: the probe returned predictions of shape {tuple(preds.shape)} (one per token or "
-                f"position) for targets of shape {tuple(target.shape)}: it does not pool features of more than two "
-                f"dimensions." + _POOL_HINT
-            )
-        if target.ndim == 1 and preds.ndim == 2 and preds.shape[0] != target.shape[0]:
-            rows, labels = preds.shape[0], target.shape[0]
-            views = f" ({rows // labels} views of each sample concatenated?)" if labels and rows % labels == 0 else ""
-            raise RuntimeError(
-                f"{self._owner}: features {self.input!r} have {rows} rows but the target {self.target!r} has {labels} "
-                f"labels{views}. Probe one view (e.g. input=lambda out, batch: out[{self.input!r}][:{labels}]), or "
-                f"give every row its label (e.g. target=lambda out, batch: batch[{self.target!r}].repeat("
-                f"{max(rows // max(labels, 1), 1)}))."
-            )
-        if target.ndim != preds.ndim - 1 or target.shape[0] != preds.shape[0]:
-            raise RuntimeError(
-                f"{self._owner}: cross-entropy needs one class index per sample, a target of shape "
-                f"{tuple(preds.shape[:1]) + tuple(preds.shape[2:])}, got {tuple(target.shape)}. Squeeze or flatten it "
-                f"(e.g. target=lambda out, batch: batch[{self.target!r}].view(-1))."
-            )
-        if target.numel() == 0 or preds.ndim < 2:
-            return
-        num_classes = preds.shape[1]
-        valid = target[target != self._loss.ignore_index]
-        if valid.numel() == 0:
-            return
-        low, high = int(valid.min()), int(valid.max())  # one sync, at the first batch of each stage only
-        if low < 0:
-            raise RuntimeError(
-                f"{self._owner}: targets must be class indices in [0, {num_classes}), got a negative one ({low}). "
-                f"Map the labels to 0..{num_classes - 1}, or mark samples to skip with the loss's ignore_index."
-            )
-        if high >= num_classes:
-            raise RuntimeError(
-                f"{self._owner}: targets must be class indices in [0, {num_classes}) for a probe with {num_classes} "
-                f"outputs, got values up to {high}. Give the probe {high + 1} outputs or fix the labels."
-            )
+        if self._unlabelled is None or self._unlabelled.device != target.device:
+            self._unlabelled = torch.zeros((), dtype=torch.float32, device=target.device)
+        self._unlabelled.add_((target != self._loss.ignore_index).any().logical_not())
 
     def _loss_on(self, device: torch.device) -> Any:
         if self._loss_device != device:
@@ -731,6 +443,7 @@ class OnlineProbe(LayerReader, TrainableCallback):
         return self._loss
 
     def _store_preds(self, preds: Tensor, outputs: Any, batch: Any) -> None:
+        preds = self.head_predictions(preds)
         key = f"{self.name}_preds"
         if isinstance(batch, MutableMapping):
             batch[key] = preds
@@ -739,46 +452,6 @@ class OnlineProbe(LayerReader, TrainableCallback):
 
     def _split_metrics(self, pl_module: pl.LightningModule, split: str, loader: int = 0) -> nn.ModuleDict:
         return loader_metrics(pl_module.callbacks_metrics[self.name], split, loader)
-
-    def _log_metrics(self, pl_module: pl.LightningModule, split: str) -> None:
-        prefix = STAGE_PREFIX[split]
-        for loader, metrics in evaluated_loaders(pl_module.callbacks_metrics[self.name], split):
-            suffix = loader_suffix(pl_module.trainer, split, loader)
-            for name, metric in metrics.items():
-                if not metric.update_called:
-                    continue
-                if not self._has_labelled_samples(metric, f"{prefix}/{self.name}_{name}{suffix}"):
-                    reset_metric(metric)
-                    continue
-                value = metric.compute()  # torchmetrics reduces across processes here, once per epoch
-                reset_metric(metric)
-                pl_module.log(
-                    f"{prefix}/{self.name}_{name}{suffix}",
-                    value,
-                    on_step=False,
-                    on_epoch=True,
-                    sync_dist=False,
-                    prog_bar=split == "val",
-                    add_dataloader_idx=False,
-                )
-
-    def _has_labelled_samples(self, metric: nn.Module, key: str) -> bool:
-        """False (with a warning, once per key) when a top-1 count saw no labelled sample: 0/0 is no number."""
-        total = getattr(metric, "total", None)
-        if not isinstance(metric, InPlaceReset) or not isinstance(total, Tensor):
-            return True
-        if world_size() > 1:
-            total = total.clone()
-            all_reduce_sum_([total])
-        if int(total) > 0:  # one sync per epoch
-            return True
-        if key not in self._eval_warned:
-            self._eval_warned.add(key)
-            warning_cache.warn(
-                f"{self._owner}: {key} is not logged: no sample of this epoch had a label (every target was the "
-                "loss's ignore_index)."
-            )
-        return False
 
     def _start_evaluation(self, pl_module: pl.LightningModule) -> None:
         probe = self.trainable_module(pl_module)
@@ -801,8 +474,4 @@ class OnlineProbe(LayerReader, TrainableCallback):
         probe.train()
 
     def _feature_norms(self, probe: nn.Module) -> list[FeatureNorm]:
-        """The probe's FeatureNorm layers (found once per probe)."""
-        cached = self.__dict__.get("_norms")
-        if cached is None or cached[0] is not probe:
-            cached = self.__dict__["_norms"] = (probe, [m for m in probe.modules() if isinstance(m, FeatureNorm)])
-        return cached[1]
+        return [m for m in probe.modules() if isinstance(m, FeatureNorm)]

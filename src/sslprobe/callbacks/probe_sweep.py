@@ -22,10 +22,7 @@ from sslprobe._metrics import (
     STAGE_PREFIX,
     InPlaceReset,
     MetricsSpec,
-    evaluated_loaders,
-    loader_suffix,
     normalize_metrics,
-    reset_metric,
 )
 from sslprobe.callbacks.base import check_name
 from sslprobe.callbacks.online_probe import OnlineProbe
@@ -235,11 +232,6 @@ class ProbeSweep(OnlineProbe):
             **shared,
         )
 
-        self.lrs, self.weight_decays, self.num_classes = lrs, weight_decays, num_classes
-        self.grid = grid
-        self.head_labels = [f"lr{_label(lr)}_wd{_label(wd)}" for lr, wd in grid]
-        self._sweep_metrics = metrics
-        self._best = 0
         super().__init__(
             module,
             name,
@@ -250,22 +242,26 @@ class ProbeSweep(OnlineProbe):
             metrics=metrics,
             cuda_graph=cuda_graph,
         )
+        self.lrs, self.weight_decays, self.num_classes = lrs, weight_decays, num_classes
+        self.grid = grid
+        self.head_labels = [f"lr{_label(lr)}_wd{_label(wd)}" for lr, wd in grid]
         self.optimizer_kind, self.optimizer_kwargs = kind, shared
-        self._head_loss_sum: Tensor | None = None
+        self._best = 0
+        self._head_loss_sum: Tensor | None = None  # every head's loss summed over the epoch, then their count
         self._head_loss_count = 0
         self._last_head_losses: Tensor | None = None
 
     @override
-    def _metric_modules(self, metrics: MetricsSpec, loss: Any, owner: str) -> nn.ModuleDict:
-        num_heads = len(self.grid)
+    def build_metrics(self, probe: nn.Module) -> nn.ModuleDict:
+        """Each metric for every head of the bank: top-1 in one vectorised update by default."""
         return nn.ModuleDict(
             {
                 STAGE_KEY[split]: nn.ModuleDict(
-                    {"top1": HeadsTop1(num_heads)}
-                    if metrics is None
-                    else {key: PerHead(metric, num_heads) for key, metric in named.items()}
+                    {"top1": HeadsTop1(probe.num_heads)}
+                    if self.metrics is None
+                    else {key: PerHead(metric, probe.num_heads) for key, metric in named.items()}
                 )
-                for split, named in normalize_metrics(metrics, owner).items()
+                for split, named in normalize_metrics(self.metrics, self._owner).items()
             }
         )
 
@@ -301,17 +297,14 @@ class ProbeSweep(OnlineProbe):
             )
         return kind, shared
 
-    @override
-    def _build_scheduler(self, trainer: pl.Trainer, optimizer: Any) -> tuple[Any, str]:
-        return None, "step"  # each head keeps its own constant learning rate: that is the sweep
-
     @property
     def best_head(self) -> int:
         """Index of the head reported under the probe's own names (chosen at the latest validation)."""
         return self._best
 
     @override
-    def _train_outputs(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Any]:
+    def compute_probe_loss(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """The sum of the heads' losses (which gives every head exactly its own gradient), and each head's."""
         h, b, c = preds.shape  # the bank's (H, B, C) logits, a view of a contiguous (B, H, C) tensor
         by_sample = preds.transpose(0, 1).reshape(b * h, c)
         if target.is_floating_point():  # class probabilities (B, C)
@@ -331,8 +324,7 @@ class ProbeSweep(OnlineProbe):
         zero = torch.zeros((), dtype=detached.dtype, device=detached.device)
         # In place: a CUDA graph replay adds into the same tensor.
         self._head_loss_sum.add_(torch.cat([torch.where(finite, detached, zero), finite.to(detached.dtype)[None]]))
-        # The sum of the heads' losses gives every head exactly its own gradient.
-        return per_head.sum(), preds.detach(), detached
+        return per_head.sum(), detached
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -341,75 +333,72 @@ class ProbeSweep(OnlineProbe):
         self._head_loss_sum, self._head_loss_count = None, 0
 
     @override
-    def _record_step(self, extras: Any) -> None:
-        self._last_head_losses = extras
+    def finish_step(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        inputs: tuple[Tensor, ...],
+        extras: Any,
+        shared: bool,
+    ) -> None:
+        super().finish_step(trainer, pl_module, outputs, batch, inputs, extras, shared)
+        self._last_head_losses = extras[1]  # read by logged_loss in this step only
         self._head_loss_count += 1
 
     @override
-    def _graph_tensors(self) -> list[Tensor]:
-        return [] if self._head_loss_sum is None else [self._head_loss_sum]
+    def collect_step_state(self, pl_module: pl.LightningModule) -> tuple[dict, dict, list[Tensor]]:
+        modules, metrics, tensors = super().collect_step_state(pl_module)
+        return modules, metrics, tensors if self._head_loss_sum is None else [*tensors, self._head_loss_sum]
 
     @override
-    def logged_loss(self, loss: Tensor) -> Tensor:
-        assert self._last_head_losses is not None
-        return self._last_head_losses[self._best]
+    def logged_loss(self, loss: Tensor, extras: Any) -> Tensor:
+        return extras[1][self._best]
 
     @override
-    def _store_preds(self, preds: Tensor, outputs: Any, batch: Any) -> None:
-        if preds.ndim == 3:  # eval path hands over every head
-            preds = preds[self._best]
-        # One head of the bank's (H, B, C) view is strided: hand over a contiguous (B, C) tensor, as a probe does.
-        super()._store_preds(preds.contiguous(), outputs, batch)
+    def head_predictions(self, preds: Tensor) -> Tensor:
+        # One head of the bank's (H, B, C) view is strided: a contiguous (B, C) tensor, as a probe gives.
+        return preds[self._best].contiguous() if preds.ndim == 3 else preds
 
     @override
-    def _check_target(self, preds: Tensor, target: Tensor, stage: str) -> None:
-        super()._check_target(preds[0] if preds.ndim == 3 else preds, target, stage)
+    def log_metrics(self, pl_module: pl.LightningModule, split: str, loader: int, suffix: str, values: dict) -> None:
+        """Log the best head's values under the probe's names, and (in evaluation) every head's under its own.
+
+        The best head is chosen at each validation on the first loader's first metric, and reported on every loader.
+        """
+        values = {key: value.reshape(-1) for key, value in values.items()}  # (H,); one head's is a scalar
+        if split == "val" and loader == 0 and values:
+            first_key = next(iter(values))
+            metric = pl_module.callbacks_metrics[self.name][STAGE_KEY[split]][first_key]
+            higher = getattr(metric, "higher_is_better", True)
+            self._best = int(values[first_key].argmax() if higher is not False else values[first_key].argmin())
+            lr, wd = self.grid[self._best]
+            pl_module.log(f"eval/{self.name}_best_lr", float(lr), on_step=False, on_epoch=True)
+            pl_module.log(f"eval/{self.name}_best_wd", float(wd), on_step=False, on_epoch=True)
+        super().log_metrics(pl_module, split, loader, suffix, {key: v[self._best] for key, v in values.items()})
+        if split != "train":
+            for key, heads in values.items():
+                for label, value in zip(self.head_labels, heads):
+                    pl_module.log(
+                        f"{STAGE_PREFIX[split]}/{self.name}_{label}_{key}{suffix}",
+                        value,
+                        on_step=False,
+                        on_epoch=True,
+                        add_dataloader_idx=False,
+                    )
 
     @override
-    def _log_metrics(self, pl_module: pl.LightningModule, split: str) -> None:
-        prefix = STAGE_PREFIX[split]
-        for loader, metrics in evaluated_loaders(pl_module.callbacks_metrics[self.name], split):
-            suffix = loader_suffix(pl_module.trainer, split, loader)
-            computed: dict[str, Tensor] = {}
-            for key, metric in metrics.items():
-                if metric.update_called and self._has_labelled_samples(metric, f"{prefix}/{self.name}_{key}{suffix}"):
-                    # (H,), reduced across processes; torchmetrics squeezes a one-head result to a scalar
-                    computed[key] = metric.compute().reshape(-1)
-                reset_metric(metric)
-            if split == "val" and loader == 0 and computed:
-                # The best head is chosen on the first validation loader, and reported on every loader.
-                first_key = next(iter(computed))
-                values = computed[first_key]
-                higher = getattr(metrics[first_key], "higher_is_better", True)
-                self._best = int(values.argmax() if higher is not False else values.argmin())
-                lr, wd = self.grid[self._best]
-                pl_module.log(f"eval/{self.name}_best_lr", float(lr), on_step=False, on_epoch=True)
-                pl_module.log(f"eval/{self.name}_best_wd", float(wd), on_step=False, on_epoch=True)
-            for key, values in computed.items():
-                pl_module.log(
-                    f"{prefix}/{self.name}_{key}{suffix}",
-                    values[self._best],
-                    on_step=False,
-                    on_epoch=True,
-                    prog_bar=split == "val",
-                    add_dataloader_idx=False,
-                )
-                if split != "train":
-                    for label, value in zip(self.head_labels, values):
-                        pl_module.log(
-                            f"{prefix}/{self.name}_{label}_{key}{suffix}",
-                            value,
-                            on_step=False,
-                            on_epoch=True,
-                            add_dataloader_idx=False,
-                        )
-        if split == "train" and self._head_loss_sum is not None and self._head_loss_count:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the epoch's metrics and every head's mean training loss, ``train/{name}_lr{lr}_wd{wd}_loss``."""
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._head_loss_sum is not None and self._head_loss_count:
             sums = self._head_loss_sum
             if bool(sums[-1] > 0):  # one sync per epoch: an epoch of skipped batches has no mean loss
                 means = sums[:-1] / sums[-1]
                 for label, value in zip(self.head_labels, means):
                     pl_module.log(f"train/{self.name}_{label}_loss", value, on_step=False, on_epoch=True)
-            self._head_loss_sum.zero_()  # in place, as the sum is kept (see `_train_outputs`)
+            self._head_loss_sum.zero_()  # in place, as a CUDA graph adds into it
             self._head_loss_count = 0
 
     @override

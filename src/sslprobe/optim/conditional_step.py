@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sslprobe._internals import fused_adam_kernel
 from sslprobe.optim._pieces import PieceCache, cut_alike
 
 __all__ = ["captures_safely", "conditional_step", "forget_plan", "uses_fused_adam"]
@@ -135,7 +136,7 @@ def _fused_plan(optimizer: Optimizer) -> _Plan | None:
             return None  # the first step creates the state: let the optimizer do it
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if group["amsgrad"] else ("exp_avg", "exp_avg_sq")
         decoupled = group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW))
-        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        kernel = fused_adam_kernel(decoupled)
         moments = [[state[key] for state in states] for key in keys]
         plan.append((group, params, moments, [state["step"] for state in states], kernel))
     optimizer.__dict__["_sslprobe_fused_plan"] = (optimizer.state, shape, plan)

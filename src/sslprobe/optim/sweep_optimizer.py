@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sslprobe._internals import fused_adam_kernel, tensor_version
+
 __all__ = ["SweepOptimizer"]
 
 _ALLOWED_KINDS = ("AdamW", "SGD", "LARS")
@@ -162,7 +164,7 @@ class SweepOptimizer(Optimizer):
         group = entries[0][0]
         beta1, beta2 = group["betas"]
         found = None if found_inf is None else found_inf.to(device=params[0].device, dtype=torch.float32)
-        torch._fused_adamw_(
+        fused_adam_kernel(decoupled=True)(
             scratch,
             [p.grad for p in params],
             [state["exp_avg"] for state in states],
@@ -227,7 +229,7 @@ class SweepOptimizer(Optimizer):
         # place (lrs.mul_); the entry holds its sources, so their ids cannot be reused while it stands.
         cache = self.__dict__.setdefault("_device_copies", {})
         tag = (name, p.device, _math_dtype(p), *map(id, sources))
-        versions = tuple(t._version for t in sources)
+        versions = tuple(map(tensor_version, sources))
         entry = cache.get(tag)
         if entry is None or entry[1] != versions:
             entry = cache[tag] = (sources, versions, make())

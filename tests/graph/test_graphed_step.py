@@ -16,7 +16,8 @@ from torch import nn
 
 from sslprobe._metrics import Top1Accuracy
 from sslprobe.callbacks import OnlineProbe, ProbeSweep
-from sslprobe.callbacks._step_graph import Rollback, StepGraph
+from sslprobe.graph import GraphedStep, StepGraph
+from sslprobe.graph.rollback import Rollback
 from sslprobe.probes import FeatureNorm, LinearProbe
 from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
 
@@ -30,40 +31,49 @@ class ReplayingGraph(StepGraph):
         super().__init__()
         self.fail, self.captures, self.replays = fail, 0, 0
 
-    def capture(self, body, x, y, dtype, held, settings=None):
+    def capture(self, body, inputs, held, settings=None):
         self.drop()
         if self.fail:
             self.fail -= 1
             raise RuntimeError("operation not permitted when stream is capturing")
-        self._graph, self._inputs = body, (x.detach().to(dtype=dtype, copy=True), y.detach().clone())
+        self._graph, self._inputs = body, tuple(x.detach().clone() for x in inputs)
         self._held, self._key, self._settings = list(held), tuple(t.data_ptr() for t in held), settings
         self.captures += 1
 
-    def replay(self, x, y):
-        static_x, static_y = self._inputs
-        static_x.copy_(x)
-        static_y.copy_(y)
+    def replay(self, inputs):
+        for static, x in zip(self._inputs, inputs):
+            static.copy_(x)
         self.replays += 1
-        outputs = self._graph(static_x, static_y)
+        outputs = self._graph(*self._inputs)
         if self._outputs is None:
             self._outputs = outputs
         else:  # as a graph's outputs: the same tensors, overwritten at every replay
-            for kept, new in zip(self._outputs, outputs):
-                if kept is not None:
-                    kept.copy_(new)
+            _copy_into(self._outputs, outputs)
         return self._outputs
+
+    def drop(self):
+        self._graph, self._inputs, self._outputs = None, (), None
+        self._held, self._key, self._settings = [], (), None
+
+
+def _copy_into(kept, new):
+    if isinstance(kept, torch.Tensor):
+        kept.copy_(new)
+    elif isinstance(kept, (tuple, list)):
+        for k, n in zip(kept, new):
+            _copy_into(k, n)
 
 
 @pytest.fixture
 def graphs_on_cpu(monkeypatch):
     """Let the graph path run on the CPU: every other reason to run eagerly still holds."""
-    original = OnlineProbe._graph_blocker_of
+    original = GraphedStep._reason
 
-    def blocker(self, probe, stepper):
-        reason = original(self, probe, stepper)
+    def blocker(self, parts):
+        reason = original(self, parts)
         return None if reason is not None and "CUDA" in reason else reason
 
-    monkeypatch.setattr(OnlineProbe, "_graph_blocker_of", blocker)
+    monkeypatch.setattr(GraphedStep, "_reason", blocker)
 
 
 class Poison(Callback):
@@ -119,7 +129,7 @@ def fit_three_probes(cuda_graph, graphs=None, epochs=2, callbacks=(), ckpt_path=
     model = make_module(optim={"type": "SGD", "lr": 0.05})
     probes = _probes(model, cuda_graph)
     for probe, graph in zip(probes, graphs or []):
-        probe._graph = graph
+        probe._graphed.graph = graph
     trainer = make_trainer(max_epochs=epochs, callbacks=[Poison(), *probes, *callbacks], **trainer_kw)
     # 52 samples in batches of 8: the last batch (4) has another shape and runs eagerly.
     trainer.fit(model, dict_loader(n=52), dict_loader(n=24), ckpt_path=ckpt_path)
@@ -139,7 +149,7 @@ def test_graph_path_trains_and_measures_exactly_as_the_eager_step(graphs_on_cpu)
         assert torch.equal(trainer.callback_metrics[key], value), key
     assert [p.skipped_batches for p in probes] == [p.skipped_batches for p in eager_probes] == [1, 1, 1]
     assert [p.stepper.steps for p in probes] == [14, 14, 14]
-    assert len(probes[0]._graph_metrics) == 1 and probes[2]._graph_metrics == []  # top-1 inside the graph
+    assert len(probes[0]._in_step) == 1 and probes[2]._in_step == {}  # top-1 inside the graph
     assert not any(g.captured for g in graphs)  # released when the fit ended, with the memory they kept alive
 
 
@@ -156,19 +166,19 @@ def test_predictions_outlive_the_next_replay(graphs_on_cpu):
     assert all(torch.allclose(kept, copy, rtol=0, atol=0, equal_nan=True) for kept, copy in keep.preds)
 
 
-def test_a_failed_capture_retries_without_metrics_then_gives_up(graphs_on_cpu):
+def test_a_failed_capture_runs_the_step_eagerly_and_says_so(graphs_on_cpu):
     _, _, eager_trainer = fit_three_probes(False)
-    once, twice, never = ReplayingGraph(fail=1), ReplayingGraph(fail=2), ReplayingGraph(fail=2)
+    failing, fine, failing_too = ReplayingGraph(fail=1), ReplayingGraph(), ReplayingGraph(fail=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, probes, trainer = fit_three_probes(True, [once, twice, never], epochs=2)
+        _, probes, trainer = fit_three_probes(True, [failing, fine, failing_too], epochs=2)
     failed = [str(w.message) for w in caught if "capturing the training step" in str(w.message)]
-    # Said once per probe that gave up (cuda_graph=True), after its second failure.
-    assert sorted(m.split(":")[0] for m in failed) == ["OnlineProbe(name='lars')", "OnlineProbe(name='metric')"]
-    assert all("runs eagerly" in m for m in failed)
-    # The failed capture's batch ran eagerly: 3 replays in the first epoch.
-    assert once.captures == 1 and once.replays == 3 + 6 and probes[0]._graph_metrics == []  # metrics outside
-    assert twice.captures == 0 and twice.replays == 0  # eager for good after two failures
+    # Said once per probe whose capture failed (cuda_graph=True), which then runs eagerly for good.
+    assert sorted(m.split(":")[0] for m in failed) == ["OnlineProbe(name='adamw')", "OnlineProbe(name='metric')"]
+    assert all("runs eagerly" in m and "HINT" in m for m in failed)
+    assert failing.captures == failing_too.captures == 0 and failing.replays == 0
+    assert fine.captures == 1 and fine.replays == 4 + 6
+    assert [p.graphed_steps for p in probes] == [0, 4 + 6, 0]
     for key, value in eager_trainer.callback_metrics.items():
         assert torch.equal(trainer.callback_metrics[key], value), key
 
@@ -210,7 +220,7 @@ def test_steps_a_graph_cannot_replay_run_eagerly_and_say_why(graphs_on_cpu, kwar
     model = make_module()
     options = {"probe": nn.Linear(D_EMB, NUM_CLASSES), "optimizer": "AdamW", **kwargs}
     probe = OnlineProbe(model, "linear", "embedding", "label", cuda_graph=True, **options)
-    probe._graph = graph = ReplayingGraph()
+    probe._graphed.graph = graph = ReplayingGraph()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
@@ -221,11 +231,12 @@ def test_steps_a_graph_cannot_replay_run_eagerly_and_say_why(graphs_on_cpu, kwar
 def test_fits_and_current():
     graph = StepGraph()
     x, y, w = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), torch.zeros(2)
-    assert not graph.fits(x, y) and not graph.captured
+    assert not graph.fits((x, y)) and not graph.captured
     graph._inputs, graph._key = (x.clone(), y.clone()), (w.data_ptr(),)
-    assert graph.fits(torch.ones(4, 3, dtype=torch.bfloat16), y)  # features are cast on the copy
-    assert not graph.fits(torch.zeros(2, 3), y[:2])
-    assert not graph.fits(x, y.int())
+    assert graph.fits((torch.ones(4, 3), y))
+    assert not graph.fits((x.bfloat16(), y))  # the static copies keep the dtype the step was captured with
+    assert not graph.fits((torch.zeros(2, 3), y[:2]))
+    assert not graph.fits((x, y.int())) and not graph.fits((x,))
     assert graph.current([w]) and not graph.current([w.clone()]) and not graph.current([w, w])
 
 
@@ -251,7 +262,7 @@ def fit_with_changing_rate(change, cuda_graph, graph=None, **trainer_kw):
         cuda_graph=cuda_graph,
     )
     if graph is not None:
-        probe._graph = graph
+        probe._graphed.graph = graph
 
     class ByHand(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -275,30 +286,30 @@ def test_a_new_learning_rate_is_captured_again_and_used(graphs_on_cpu, change, c
 
 
 class L1Probe(OnlineProbe):
-    """A subclass that adds a penalty to the loss: a replay, which does not call compute_loss, would drop it."""
+    """A subclass that adds a penalty to the loss: code sslprobe does not know, captured only when asked."""
 
-    def compute_loss(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = super().compute_loss(trainer, pl_module, outputs, batch, batch_idx)
-        return loss + 0.5 * self.trainable_module(pl_module).weight.abs().sum()
+    def compute_step(self, probe, features, target):
+        loss, extras = super().compute_step(probe, features, target)
+        return loss + 0.5 * probe.weight.abs().sum(), extras
 
 
-def test_a_subclass_that_overrides_the_loss_runs_eagerly(graphs_on_cpu):
+def test_a_subclass_with_its_own_step_is_captured_only_when_asked(graphs_on_cpu):
     def run(cuda_graph):
         model = make_module(optim={"type": "SGD", "lr": 0.05})
         torch.manual_seed(3)
         probe = L1Probe(
             model, "l1", "embedding", "label", probe=nn.Linear(D_EMB, 3), optimizer="AdamW", cuda_graph=cuda_graph
         )
-        probe._graph = graph = ReplayingGraph()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
-        return model.callbacks_modules["l1"].weight, graph, [str(w.message) for w in caught]
+        probe._graphed.graph = graph = ReplayingGraph()
+        make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+        return model.callbacks_modules["l1"].weight, graph, probe
 
     eager, _, _ = run(False)
-    weight, graph, messages = run(True)
+    weight, graph, probe = run(None)
     assert graph.captures == 0 and torch.equal(weight, eager)
-    assert any("L1Probe overrides compute_loss" in m for m in messages)
+    assert "its own training step" in probe._graphed.blocker and "cuda_graph=True" in probe._graphed.blocker
+    weight, graph, _ = run(True)  # the penalty is part of the captured step: the same numbers
+    assert graph.captures == 1 and graph.replays == 4 and torch.equal(weight, eager)
 
 
 class RunningCenter(nn.Module):
@@ -320,8 +331,8 @@ class RunningCenter(nn.Module):
 class TracingGraph(ReplayingGraph):
     """As a CUDA capture: the body's Python runs once at capture (here its kernels run too, on scratch values)."""
 
-    def capture(self, body, x, y, dtype, held, settings=None):
-        super().capture(body, x, y, dtype, held, settings)
+    def capture(self, body, inputs, held, settings=None):
+        super().capture(body, inputs, held, settings)
         body(*self._inputs)
 
 
@@ -330,7 +341,7 @@ def test_a_failed_capture_puts_back_what_it_rebound(graphs_on_cpu):
     probe = OnlineProbe(
         model, "center", "embedding", "label", probe=RunningCenter(), optimizer="AdamW", cuda_graph=True
     )
-    probe._graph = graph = TracingGraph()
+    probe._graphed.graph = graph = TracingGraph()
     module = model.callbacks_modules["center"]
     seen = []
 
@@ -341,12 +352,12 @@ def test_a_failed_capture_puts_back_what_it_rebound(graphs_on_cpu):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer(max_epochs=1, callbacks=[probe, Watch()]).fit(model, dict_loader())
-    # Batches 2 and 3 tried to capture and failed; each then ran eagerly from the state before the capture.
-    assert graph.captures == 2 and graph.replays == 0
+    # Batch 2 tried to capture and failed; it then ran eagerly from the state before the capture, as all others.
+    assert graph.captures == 1 and graph.replays == 0
     assert [calls for _, calls in seen] == [1, 2, 3, 4, 5, 6]  # the captures' own calls were undone
     assert len({id(mean) for mean, _ in seen}) == 6  # the eager forward rebinds it each time, as it should
     failed = [str(w.message) for w in caught if "capturing the training step" in str(w.message)]
-    assert len(failed) == 1 and "probe.mean" in failed[0] and "probe.calls" in failed[0] and "HINT" in failed[0]
+    assert len(failed) == 1 and "module.mean" in failed[0] and "module.calls" in failed[0] and "HINT" in failed[0]
 
 
 def test_a_rebuilt_optimizer_warms_up_and_is_captured_again(graphs_on_cpu):
@@ -354,7 +365,7 @@ def test_a_rebuilt_optimizer_warms_up_and_is_captured_again(graphs_on_cpu):
     probe = OnlineProbe(
         model, "p", "embedding", "label", probe=nn.Linear(D_EMB, NUM_CLASSES), optimizer="AdamW", cuda_graph=True
     )
-    probe._graph = graph = ReplayingGraph()
+    probe._graphed.graph = graph = ReplayingGraph()
     make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
     model.callbacks_modules["p"].bias.requires_grad_(False)  # a new set of parameters: a new optimizer
     with warnings.catch_warnings(record=True) as caught:
@@ -368,7 +379,7 @@ def test_by_default_only_known_layers_are_captured(graphs_on_cpu):
     def run(cuda_graph):
         model = make_module(optim={"type": "SGD", "lr": 0.05})
         probe = OnlineProbe(model, "p", "embedding", "label", probe=Custom(), optimizer="AdamW", cuda_graph=cuda_graph)
-        probe._graph = graph = ReplayingGraph()
+        probe._graphed.graph = graph = ReplayingGraph()
         make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
         return graph, probe
 
@@ -381,7 +392,7 @@ def test_by_default_only_known_layers_are_captured(graphs_on_cpu):
             return self.linear(x)
 
     graph, probe = run(None)
-    assert graph.captures == 0 and "Custom" in probe._graph_blocker and "cuda_graph=True" in probe._graph_blocker
+    assert graph.captures == 0 and "Custom" in probe._graphed.blocker and "cuda_graph=True" in probe._graphed.blocker
     graph, _ = run(True)
     assert graph.captures == 1
 
@@ -389,7 +400,7 @@ def test_by_default_only_known_layers_are_captured(graphs_on_cpu):
 def test_a_changed_layer_setting_is_captured_again(graphs_on_cpu):
     model = make_module(optim={"type": "SGD", "lr": 0.05})
     probe = OnlineProbe(model, "p", "embedding", "label", probe=LinearProbe(NUM_CLASSES, in_features=D_EMB))
-    probe._graph = graph = ReplayingGraph()
+    probe._graphed.graph = graph = ReplayingGraph()
 
     class Slower(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -408,7 +419,7 @@ def fit_sweep(cuda_graph, graph=None, **trainer_kw):
         model, "sweep", "embedding", "label", num_classes=NUM_CLASSES, lrs=[0.01, 0.1], cuda_graph=cuda_graph
     )
     if graph is not None:
-        sweep._graph = graph
+        sweep._graphed.graph = graph
     trainer = make_trainer(max_epochs=2, callbacks=[Poison(), sweep], **trainer_kw)
     trainer.fit(model, dict_loader(n=52), dict_loader(n=24))
     return model, sweep, trainer
@@ -420,7 +431,7 @@ def test_the_sweep_step_is_replayed_exactly_as_the_eager_step(graphs_on_cpu):
     model, sweep, trainer = fit_sweep(None, graph)
     # The bank is lazy: its first batch builds it, two more warm up. One capture serves both epochs: the top-1
     # counts and the per-head loss sums are reset in place.
-    assert graph.captures == 1 and graph.replays == 3 + 6 and len(sweep._graph_metrics) == 1
+    assert graph.captures == 1 and graph.replays == 3 + 6 and len(sweep._in_step) == 1
     for (key, a), b in zip(eager_model.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), key
     assert eager_trainer.callback_metrics.keys() == trainer.callback_metrics.keys()
@@ -437,10 +448,10 @@ def test_a_fit_that_fails_releases_its_graph(graphs_on_cpu):
 
     model = make_module(optim={"type": "SGD", "lr": 0.05})
     probe = OnlineProbe(model, "p", "embedding", "label", probe=nn.Linear(D_EMB, NUM_CLASSES), optimizer="AdamW")
-    probe._graph = graph = ReplayingGraph()
+    probe._graphed.graph = graph = ReplayingGraph()
     with pytest.raises(RuntimeError, match="the job failed"):
         make_trainer(max_epochs=1, callbacks=[probe, Fail()]).fit(model, dict_loader())
-    assert graph.replays == 3 and not graph.captured and probe._graph_key is None
+    assert graph.replays == 3 and not graph.captured and probe._graphed.blocker is None
 
 
 def test_rollback_puts_back_module_optimizer_metric_and_owner_tensors():
