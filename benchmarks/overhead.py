@@ -241,7 +241,7 @@ def average_gradients(probe: nn.Module) -> None:
 
 
 def hand_step(probe: nn.Module, opt: torch.optim.Optimizer, features: torch.Tensor, target: torch.Tensor):
-    """One hand-written probe step: forward, loss, backward, gradient average, optimizer step. Returns the logits."""
+    """One hand-written probe step: forward, loss, backward, gradient average, step. Returns (logits, loss)."""
     logits = probe(features)
     loss = F.cross_entropy(logits, target)
     opt.zero_grad(set_to_none=True)
