@@ -5,8 +5,16 @@ ReLU layer 64 -> 256 (seed 0) as the "representation", 70/30 stratified split (r
 Offline references: scikit-learn LogisticRegression(C=10, max_iter=5000) on the raw features (0.9796), and
 KNeighborsClassifier with the kNN probe's k, cosine metric and exp(sim / T) weights.
 
-Usage: python benchmarks/fidelity.py [--epochs 20] [--seeds 0 1 2] [--only linear,sweep,knn,lars-linear]
+Usage: python benchmarks/fidelity.py [--epochs 20] [--seeds 0 1 2] [--only linear,sweep,attentive]
+                                     [--precision 32-true|bf16-mixed]
+Probes (--only): linear (LinearProbe), plain-linear (nn.Linear), sweep (ProbeSweep), knn (OnlineKNN), mlp (MLPProbe),
+attentive (AttentiveProbe, 4 heads, AdamW lr 1e-3, on the 256 features split into 16 tokens of 16: the (B, N, D) shape
+it pools over) and refit (RefitProbe).
 Prints each probe's final eval top-1, the offline number and the gap, per seed and on average.
+
+Precision (--precision, default 32-true): the Trainer's, e.g. bf16-mixed to compare the online numbers with fp32 on the
+CPU (issue 21: a probe under bf16-mixed should read within 0.2 points of fp32). The offline references always use the
+fp32 features.
 
 Moving encoder (--moving): the demo's SimCLR run (`sslprobe demo`'s model, data and probe). After every validation it
 prints the logged `eval/linear_top1`, the same probe weights scored on the validation features normalised with their
@@ -77,7 +85,7 @@ def knn_reference(f_tr, y_tr, f_te, y_te, k, temperature):
     return clf.fit(f_tr, y_tr).score(f_te, y_te)
 
 
-def run(seed, epochs, only):
+def run(seed, epochs, only, precision="32-true"):
     x_tr, x_te, y_tr, y_te = data()
     backbone = frozen_backbone()
     f_tr, f_te = features(backbone, x_tr), features(backbone, x_te)
@@ -116,6 +124,7 @@ def run(seed, epochs, only):
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -162,7 +171,7 @@ class MomentReport(pl.Callback):
         self.rows.append((trainer.current_epoch + 1, logged, exact, offline))
 
 
-def moving_encoder(epochs, seed):
+def moving_encoder(epochs, seed, precision="32-true"):
     from sslprobe.cli.demo import build, load_split
 
     pl.seed_everything(seed, verbose=False)
@@ -176,6 +185,7 @@ def moving_encoder(epochs, seed):
         max_epochs=epochs,
         accelerator="cpu",
         devices=1,
+        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -183,7 +193,10 @@ def moving_encoder(epochs, seed):
         callbacks=[*probes, sweep, report],
     )
     trainer.fit(model, train, val)
-    print(f"# moving encoder: sslprobe demo's SimCLR on digits, seed {seed}, batch 256 (6 training batches an epoch)")
+    print(
+        f"# moving encoder: sslprobe demo's SimCLR on digits, seed {seed}, batch 256 (6 training batches an epoch), "
+        f"precision {precision}"
+    )
     print(f"{'epoch':>5} {'logged':>8} {'exact stats':>12} {'gap':>7} {'offline LR':>11}")
     for epoch, logged, exact, offline in report.rows:
         print(f"{epoch:>5} {logged:>8.4f} {exact:>12.4f} {100 * (exact - logged):>+6.2f} {offline:>11.4f}")
@@ -202,23 +215,27 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", default="linear,plain-linear,sweep,knn,mlp,attentive,refit")
     ap.add_argument("--moving", action="store_true", help="the moving-encoder part (the demo's SimCLR run)")
+    ap.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"], help="the Trainer's precision")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.moving:
         for seed in args.seeds:
-            moving_encoder(args.epochs, seed)
+            moving_encoder(args.epochs, seed, args.precision)
         return
     only = args.only.split(",")
     table = {}
     for seed in args.seeds:
-        results, seconds = run(seed, args.epochs, only)
+        results, seconds = run(seed, args.epochs, only, args.precision)
         for key, (online, reference) in results.items():
             table.setdefault(key, []).append((online, reference))
             print(
                 f"seed {seed} {key:13s} online {online:.4f}  offline {reference:.4f}  gap {reference - online:+.4f}"
                 f"  ({seconds:.1f} s for all probes)"
             )
-    print(f"\n# digits, frozen random ReLU 64->256, {args.epochs} epochs, batch 64, seeds {args.seeds}")
+    print(
+        f"\n# digits, frozen random ReLU 64->256, {args.epochs} epochs, batch 64, seeds {args.seeds}, "
+        f"precision {args.precision}"
+    )
     for key, rows in table.items():
         online = statistics.mean(r[0] for r in rows)
         reference = statistics.mean(r[1] for r in rows)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # All the GPU work of one device session (run from the repository root on the GPU machine).
-# Usage: bash benchmarks/gpu_session.sh PART    (PART: tests | bench1 | bench2 | one-gpu | two-gpus | graphs | trust)
+# Usage: bash benchmarks/gpu_session.sh PART    (PART: tests | bench1 | bench2 | one-gpu | two-gpus | graphs | trust |
+#                                               memory | refit | layers | vit)
 # Writes logs and JSON under $OUT (or ./gpu-out). NCCL's NVLink multicast stays off (the machine sets it).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -79,5 +80,33 @@ layers)
     # Issue 20: four probes on the four ResNet-50 stages (Layer hooks) against four probes on the one embedding.
     FILTER="^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip\|USDT"
     CUDA_VISIBLE_DEVICES=0 timeout 200 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 2 --steps 40 --configs none,module-4,layers-4 --json "$OUT/r50_layers.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/r50_layers.txt"
+    ;;
+vit)
+    # Issue 21: an attentive probe on ViT-B/16's tokens (224px, batch 64, bf16-mixed, 1000 classes) beside the
+    # hand-written floors (under the step's autocast, and in fp32), and a LinearProbe on the CLS token. First a check
+    # that overhead.ViTTokens's CLS token is what torchvision's VisionTransformer.forward classifies.
+    FILTER="^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip\|USDT"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpus.txt"
+    CUDA_VISIBLE_DEVICES=0 timeout 120 python3 - <<'EOF' 2>&1 | tee "$OUT/vit_tokens_check.txt"
+import sys
+import torch
+import torchvision
+sys.path.insert(0, "benchmarks")
+import overhead
+torch.manual_seed(0)
+vit = torchvision.models.vit_b_16(num_classes=1000).cuda()
+torch.nn.init.normal_(vit.heads.head.weight, std=0.02)  # torchvision starts the head at zero: make the check bite
+images = torch.randn(2, 3, 224, 224, device="cuda")
+with torch.no_grad():
+    out = overhead.ViTTokens(vit)(images)
+    gap = (vit.heads(out["embedding"]) - vit(images)).abs().max().item()
+print("torchvision", torchvision.__version__, "tokens", tuple(out["tokens"].shape), "cls", tuple(out["embedding"].shape),
+      "max |heads(cls) - vit(x)|", gap)
+assert out["tokens"].shape == (2, 197, 768) and gap < 1e-4, gap
+EOF
+    CUDA_VISIBLE_DEVICES=0 timeout 400 python3 benchmarks/overhead.py --device cuda --backbone vit_b_16 --rounds 5 --steps 100 --configs none,attn-floor,attn-floor32,attn-1,attn32-1,cls-1 --json "$OUT/vit_b_16.json" 2>&1 | grep -v "$FILTER" | tee "$OUT/vit_b_16.txt"
+    for precision in 32-true bf16-mixed; do
+        timeout 120 python3 benchmarks/fidelity.py --only linear,sweep,attentive --precision $precision 2>&1 | grep -v "$FILTER\|AMP\|max_epochs" | tee "$OUT/fidelity_$precision.txt" | tail -4
+    done
     ;;
 esac
