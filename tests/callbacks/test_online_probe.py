@@ -920,3 +920,41 @@ def test_float16_probe_on_cpu_trains_with_its_own_loss_scale():
     assert probe.stepper._scaling and trainer.callback_metrics["eval/p_top1"] > 0.5
     skipped = [w for w in caught if "not finite" in str(w.message)]
     assert all("loss scale settling" in str(w.message) for w in skipped)
+
+
+def _fit_under_bf16(precision):
+    torch.manual_seed(0)
+    model = make_module(optim={"type": "SGD", "lr": 0.05})
+    probe = OnlineProbe(
+        model,
+        "p",
+        "embedding",
+        "label",
+        probe=nn.Linear(D_EMB, NUM_CLASSES),
+        optimizer="AdamW",
+        precision=precision,
+    )
+    dtypes = []
+
+    class Spy(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            dtypes.append(batch["p_preds"].dtype)
+
+    trainer = make_trainer(max_epochs=2, callbacks=[probe, Spy()], precision="bf16-mixed")
+    trainer.fit(model, dict_loader(), dict_loader(n=24))
+    return model.callbacks_modules["p"].weight.detach().clone(), set(dtypes)
+
+
+def test_under_bf16_mixed_the_probe_runs_under_the_step_autocast_and_agrees_with_float32():
+    weight, dtypes = _fit_under_bf16(None)
+    reference, reference_dtypes = _fit_under_bf16("32")
+    assert dtypes == {torch.bfloat16} and reference_dtypes == {torch.float32}  # the forward's matmul precision
+    assert weight.dtype == reference.dtype == torch.float32  # float32 weights and update either way
+    assert not torch.equal(weight, reference)
+    torch.testing.assert_close(weight, reference, rtol=0, atol=2e-2 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("value", ["bf16", 32, "64-true"])
+def test_precision_argument_is_checked(value):
+    with pytest.raises(ValueError, match="precision must be one of"):
+        OnlineProbe(make_module(), "p", "embedding", "label", probe=nn.Linear(D_EMB, 3), precision=value)

@@ -185,3 +185,19 @@ def test_a_loss_that_only_sums_a_parameter_steps():
     stepper = Stepper([w], torch.optim.SGD([w], lr=0.5))
     stepper.backward(w.sum())
     assert torch.equal(w.detach(), torch.full((2, 3), 0.5))
+
+
+def test_a_float16_autocast_forward_gets_a_loss_scale_and_skips_an_overflow():
+    lin = nn.Linear(4, 2)
+    stepper = Stepper(list(lin.parameters()), torch.optim.SGD(lin.parameters(), lr=0.1), scale_loss=True)
+    before = [p.detach().clone() for p in lin.parameters()]
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = lin(torch.full((3, 4), 3e4)).float().pow(2).mean() * 1e3  # finite, but its scaled gradient is not
+    assert torch.isfinite(loss)
+    stepper.backward(loss)
+    assert int(stepper.skipped) == 1 and float(stepper._scale) == 2.0**15  # backed off, nothing changed
+    assert all(torch.equal(p, b) for p, b in zip(lin.parameters(), before))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = lin(torch.ones(3, 4)).float().pow(2).mean()
+    stepper.backward(loss)
+    assert int(stepper.skipped) == 1 and not torch.equal(lin.weight, before[0])

@@ -42,6 +42,9 @@ __all__ = ["TrainableCallback", "ensure_containers"]
 log = logging.getLogger(__name__)
 
 _ALLOWED_CLIP_ALGORITHMS = ("norm", "value")
+_ALLOWED_PRECISIONS = (None, "32", "bf16-mixed", "16-mixed")
+# The autocast of each mixed precision (Lightning's names); every other precision runs the probe as it is.
+_AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 # State keys of sslprobe's callbacks in a checkpoint (their class names), and the mark of a checkpoint already read.
 _PROBE_CLASSES = ("OnlineProbe", "ProbeSweep", "OnlineKNN", "RefitProbe", "TrainableCallback")
 _SAID_KEY = "_sslprobe_read"
@@ -132,6 +135,10 @@ class TrainableCallback(Callback):
             and sslprobe only, and sslprobe's own :meth:`compute_step`. Inputs of other shapes run eagerly.
             ``True`` also captures other code (it must read no Python value that changes, draw no random numbers
             and change state only in place) and warns where it cannot capture; ``False`` never captures.
+        precision: ``None`` (default) follows the Trainer: under ``"bf16-mixed"`` or ``"16-mixed"`` the forward and
+            the loss run under the same autocast as the training step (float32 weights and update; ``16-mixed``
+            with the module's own loss scale), under any other precision as they are. ``"32"`` keeps the forward
+            in float32 under any Trainer; ``"bf16-mixed"``/``"16-mixed"`` ask for that autocast under any.
 
     Raises:
         ValueError: for a bad value or a name already used on ``module``.
@@ -163,6 +170,7 @@ class TrainableCallback(Callback):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         cuda_graph: bool | None = None,
+        precision: Literal["32", "bf16-mixed", "16-mixed"] | None = None,
     ) -> None:
         cls = type(self).__name__
         name = check_name(name, cls)
@@ -195,6 +203,11 @@ class TrainableCallback(Callback):
                 f"{owner}: gradient_clip_algorithm must be one of {_ALLOWED_CLIP_ALGORITHMS}, "
                 f"got {gradient_clip_algorithm!r}."
             )
+        if precision not in _ALLOWED_PRECISIONS:
+            raise ValueError(
+                f"{owner}: precision must be one of {_ALLOWED_PRECISIONS}, got {precision!r}. Use None to follow the "
+                "Trainer's precision, or '32' to keep the probe's forward in float32."
+            )
         if not (cuda_graph is None or isinstance(cuda_graph, bool)):
             raise TypeError(f"{owner}: cuda_graph must be None (when possible), True or False, got {cuda_graph!r}.")
         self._check_optimizer_forms(optimizer, scheduler, owner)
@@ -207,6 +220,8 @@ class TrainableCallback(Callback):
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.cuda_graph = cuda_graph
+        self.precision = precision
+        self._autocast: torch.dtype | None = None  # the forward's autocast in this fit (see `precision`)
         self._owner = owner
         self._graphed = GraphedStep(owner, cuda_graph)
         # Whether the captured code (compute_step and compute_loss) is sslprobe's own (see `cuda_graph`).
@@ -331,6 +346,13 @@ class TrainableCallback(Callback):
         """Training batches skipped so far because their features or loss were not finite (reading syncs)."""
         return 0 if self._stepper is None else int(self._stepper.skipped)
 
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The autocast the module's forward runs under in this fit (see ``precision``), or a no-op."""
+        if self._autocast is None:
+            return contextlib.nullcontext()
+        # No weight cache: a CUDA graph cannot hold one, and a probe's weights change at every step anyway.
+        return torch.autocast(torch.device(device).type, dtype=self._autocast, cache_enabled=False)
+
     @property
     def graphed_steps(self) -> int:
         """Training steps replayed from a CUDA graph so far (see ``cuda_graph``); the others ran eagerly."""
@@ -373,6 +395,7 @@ class TrainableCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the optimizer (unless the module is still lazy) or move its state to the module's device."""
         module = self.trainable_module(pl_module)
+        self._autocast = autocast_dtype(trainer, self.precision)
         self.__dict__.pop("_buffer_cache", None)  # the module may have moved: its buffers are new tensors
         if has_uninitialized_params(module):
             return
@@ -414,7 +437,7 @@ class TrainableCallback(Callback):
         buffers, saved = ([], []) if lazy else self._buffers_of(module)
         if buffers:
             torch._foreach_copy_(saved, buffers)
-        with self._private_rng(module), torch.enable_grad():
+        with self._private_rng(module), torch.enable_grad(), self.autocast(inputs[0].device):
             loss, extras = self.compute_step(module, *(x.detach() for x in inputs))
         if lazy and world_size() > 1:
             broadcast_([*module.parameters(), *module.buffers()])
@@ -562,6 +585,7 @@ class TrainableCallback(Callback):
             gradient_clip_algorithm=self.gradient_clip_algorithm,
             all_reduce=all_reduce_sum if world_size() > 1 else None,
             world_size=world_size(),
+            scale_loss=self._autocast == torch.float16,
         )
         if self._parked_state is not None:
             self._stepper.load_state_dict(self._parked_state)
@@ -667,3 +691,16 @@ def _last_step_of_epoch(trainer: pl.Trainer) -> bool:
     if progress.is_last_batch or progress.current.ready >= trainer.num_training_batches:
         return True
     return 0 < trainer.max_steps <= trainer.global_step
+
+
+def autocast_dtype(trainer: pl.Trainer, precision: str | None) -> torch.dtype | None:
+    """The autocast dtype of a probe's forward: ``precision`` where given (``"32"``: none), else the Trainer's.
+
+    Examples:
+        >>> from types import SimpleNamespace
+        >>> trainer = SimpleNamespace(precision="bf16-mixed")
+        >>> autocast_dtype(trainer, None), autocast_dtype(trainer, "32")
+        (torch.bfloat16, None)
+    """
+    chosen = str(getattr(trainer, "precision", "32-true")) if precision is None else precision
+    return _AUTOCAST.get(chosen)

@@ -26,7 +26,7 @@ from sslprobe._metrics import (
     reset_metric,
 )
 from sslprobe.callbacks._probe_checks import check_features, check_target
-from sslprobe.callbacks.base import TrainableCallback, check_name, ensure_containers
+from sslprobe.callbacks.base import TrainableCallback, autocast_dtype, check_name, ensure_containers
 from sslprobe.layer import LayerReader
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
 from sslprobe.probes.feature_norm import FeatureNorm
@@ -79,6 +79,9 @@ class OnlineProbe(LayerReader, TrainableCallback):
             is captured as a CUDA graph after two eager steps and replayed, with the numbers of the eager step;
             ``None`` where the step allows it, ``True`` also for layers sslprobe does not know, ``False`` never
             (see :class:`TrainableCallback`).
+        precision: ``None`` (default): under a mixed precision (``"bf16-mixed"``, ``"16-mixed"``) the probe's
+            forward and loss run under the Trainer's autocast, as a probe written in ``training_step`` would, with
+            float32 weights and update; ``"32"`` keeps them in float32 (see :class:`TrainableCallback`).
 
     Raises:
         ValueError: for bad values, or a name already used on ``module``.
@@ -118,6 +121,7 @@ class OnlineProbe(LayerReader, TrainableCallback):
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         metrics: MetricsSpec = None,
         cuda_graph: bool | None = None,
+        precision: Literal["32", "bf16-mixed", "16-mixed"] | None = None,
     ) -> None:
         name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
@@ -157,6 +161,7 @@ class OnlineProbe(LayerReader, TrainableCallback):
             gradient_clip_val=gradient_clip_val,
             gradient_clip_algorithm=gradient_clip_algorithm,
             cuda_graph=cuda_graph,
+            precision=precision,
         )
 
     @override
@@ -367,7 +372,8 @@ class OnlineProbe(LayerReader, TrainableCallback):
             norm.frozen_eval = loader > 0  # a second loader (a shifted domain): the first loader's statistics
         # Lightning evaluates under inference mode; parameters materialised there could never be trained.
         inference = not lazy and torch.is_inference_mode_enabled()
-        with torch.inference_mode(inference), torch.no_grad(), self._private_rng(probe):
+        self._autocast = autocast_dtype(trainer, self.precision)
+        with torch.inference_mode(inference), torch.no_grad(), self._private_rng(probe), self.autocast(features.device):
             preds = self._forward(probe, features.clone() if lazy else features, stage)
         self._store_preds(preds, outputs, batch)
         if stage == "predict":
@@ -402,10 +408,11 @@ class OnlineProbe(LayerReader, TrainableCallback):
         x = features.detach()
         reference = next(iter(probe.parameters()), None)
         reference = reference if reference is not None else next(iter(probe.buffers()), None)
-        if reference is not None and (
-            (x.is_floating_point() and x.dtype != reference.dtype) or x.device != reference.device
-        ):
-            x = x.to(device=reference.device, dtype=reference.dtype if x.is_floating_point() else x.dtype)
+        if reference is not None:
+            # The probe's dtype (its statistics are kept in it); under autocast its matmuls then cast them down.
+            dtype = reference.dtype if x.is_floating_point() else x.dtype
+            if x.dtype != dtype or x.device != reference.device:
+                x = x.to(device=reference.device, dtype=dtype)
         if stage in self._checked:
             return probe(x)
         check_features(self._owner, self.input, x, probe)

@@ -38,7 +38,9 @@ class StepParts:
 
     Attributes:
         module: the module the step trains.
-        stepper: its :class:`~sslprobe.optim.stepper.Stepper` (gradients, check, update).
+        stepper: its :class:`~sslprobe.optim.stepper.Stepper` (gradients, check, update): the graph reads its
+            ``direct``, ``rate_moves_every_step``, ``capturable``, ``optimizer``, ``params``, ``settings()`` and
+            ``tensors()``, and calls ``prepare_capture()`` before a capture.
         modules: other modules the step runs (a loss with weights), by name.
         metrics: metrics the step updates (their states must change in place), by name.
         tensors: other tensors the step changes in place (saved copies of buffers).
@@ -204,6 +206,7 @@ class GraphedStep:
                 f"its optimizer ({type(stepper.optimizer).__name__}) is not one a graph can replay: {hint}"
             )
             return False
+        stepper.prepare_capture()
         # Capturing runs the step's Python once (its kernels are recorded, not run): what it rebinds is undone.
         named = {f"module {name}" if name else "module": m for name, m in parts.module.named_modules()}
         rollback = Rollback({**named, **parts.modules}, stepper.optimizer, parts.metrics, owner=parts.owner)

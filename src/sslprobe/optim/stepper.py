@@ -34,7 +34,7 @@ class Stepper:
     ``accumulate_grad_batches`` finite global batches. Which batch completes a window is decided on the device, so
     the step is computed every batch and kept only then. ``steps`` and an LR schedule count windows of
     ``accumulate_grad_batches`` batches on the host. Non-finite batches are counted in :attr:`skipped`. Parameters
-    in float16 get their own dynamic loss scale.
+    in float16 (or with ``scale_loss``) get their own dynamic loss scale.
 
     Args:
         params: the parameters to train.
@@ -46,6 +46,7 @@ class Stepper:
         gradient_clip_algorithm: ``"norm"`` (total L2 norm) or ``"value"`` (element-wise).
         all_reduce: returns the sums of a list of tensors across processes, or ``None`` on one process.
         world_size: the number of processes ``all_reduce`` sums over.
+        scale_loss: give the loss a dynamic scale even for float32 parameters (a float16 autocast forward).
 
     Examples:
         >>> import torch
@@ -73,6 +74,7 @@ class Stepper:
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
         world_size: int = 1,
+        scale_loss: bool = False,
     ) -> None:
         if gradient_clip_algorithm not in _ALLOWED_CLIP:
             raise ValueError(f"Stepper: gradient_clip_algorithm must be one of {_ALLOWED_CLIP}.")
@@ -90,7 +92,7 @@ class Stepper:
             isinstance(scheduler, torch.optim.lr_scheduler.ConstantLR) and scheduler.factor == 1.0
         )
         device = self.params[0].device
-        self._scaling = any(p.dtype == torch.float16 for p in self.params)
+        self._scaling = scale_loss or any(p.dtype == torch.float16 for p in self.params)
         self._scale = torch.tensor(_INIT_SCALE if self._scaling else 1.0, device=device)
         self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
         self._skipped = torch.zeros((), dtype=torch.float32, device=device)
@@ -250,6 +252,15 @@ class Stepper:
         if self.rate_moves_every_step:
             self.scheduler.step()
         return True
+
+    def prepare_capture(self) -> None:
+        """Before a CUDA graph captures :meth:`device_step`: it needs no long-lived gradient buffers.
+
+        They spare an eager step the host time of cutting new gradients into pieces; a captured step cuts once, at
+        capture, and keeps its gradients in the graph's pool. Eager steps after it (a smaller last batch) cut
+        afresh.
+        """
+        self._grad_buffers, self._grad_buffer_ids = {}, set()
 
     def tensors(self) -> list[Tensor]:
         """Every tensor a step reads or writes besides the loss: parameters, optimizer state and the stepper's own."""

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue 17 + 24 (fifth session): the CUDA tests, then the probes' cost with the one-step refactor ("after") beside the
+# code before it ("before", a copy of its src/ under bench_old/src, carried), and peak memory.
+# Usage: bash benchmarks/gpu_house.sh PART   (PART: r50 | r18)
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore CUDA_VISIBLE_DEVICES=0
+F="^\[rank\|Initializing\|GPU avail\|TPU\|LOCAL_RANK\|Tip\|USDT"
+NEW=$PWD/src:$PWD
+OLD=$PWD/bench_old/src:$PWD
+case "$1" in
+r50)
+    PYTHONPATH=$NEW timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -15
+    C=none,floor-1,floor-8,module-1,module-8,probe-8,sweep-16
+    PYTHONPATH=$NEW timeout 150 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs $C --json "$OUT/r50_after.json" 2>&1 | grep -v "$F"
+    PYTHONPATH=$OLD timeout 150 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs $C --json "$OUT/r50_before.json" 2>&1 | grep -v "$F"
+    PYTHONPATH=$NEW timeout 100 python3 benchmarks/memory.py --configs none,floor-8,eager-8,module-8 --json "$OUT/memory_after.json" 2>&1 | grep -v "$F"
+    ;;
+r18)
+    C=none,floor-1,floor-8,module-1,module-8,probe-8,sweep-16
+    for round in 1 2; do
+        PYTHONPATH=$NEW timeout 100 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --steps 100 --configs $C --json "$OUT/r18_after_$round.json" 2>&1 | grep -v "$F"
+        PYTHONPATH=$OLD timeout 100 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --steps 100 --configs $C --json "$OUT/r18_before_$round.json" 2>&1 | grep -v "$F"
+    done
+    ;;
+esac
