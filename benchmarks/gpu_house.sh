@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17 + 24 (fifth session): the CUDA tests, then the probes' cost with the one-step refactor ("after") beside the
 # code before it ("before", a copy of its src/ under bench_old/src, carried), and peak memory.
-# Usage: bash benchmarks/gpu_house.sh PART   (PART: r50 | r18)
+# Usage: bash benchmarks/gpu_house.sh PART   (PART: r50 | r18 | mixed)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -23,5 +23,12 @@ r18)
         PYTHONPATH=$NEW timeout 100 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --steps 100 --configs $C --json "$OUT/r18_after_$round.json" 2>&1 | grep -v "$F"
         PYTHONPATH=$OLD timeout 100 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --steps 100 --configs $C --json "$OUT/r18_before_$round.json" 2>&1 | grep -v "$F"
     done
+    ;;
+mixed)
+    # Issues 21 and 24: the CUDA tests (graph replays under bf16-mixed and 16-mixed), peak memory with the gradient
+    # buffers dropped before a capture, and the attentive probe on ViT-B/16 tokens under the step's autocast.
+    PYTHONPATH=$NEW timeout 240 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -15
+    PYTHONPATH=$NEW timeout 150 python3 benchmarks/memory.py --configs none,floor-8,eager-8,module-8,sweep-16 --json "$OUT/memory.json" 2>&1 | grep -v "$F"
+    PYTHONPATH=$NEW timeout 300 python3 benchmarks/overhead.py --device cuda --backbone vit_b_16 --rounds 3 --steps 100 --configs none,attn-floor,attn-floor32,attn-1,attn32-1,cls-1 --json "$OUT/vit_b_16.json" 2>&1 | grep -v "$F"
     ;;
 esac

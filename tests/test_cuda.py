@@ -13,7 +13,7 @@ from torch import nn
 from sslprobe._metrics import Top1Accuracy
 from sslprobe.callbacks import OnlineKNN, OnlineProbe, ProbeSweep
 from sslprobe.probes import LinearProbe, MLPProbe
-from tests.callbacks.test_online_probe import FeatureSpy, reference_probe
+from tests.callbacks.test_online_probe import FeatureSpy, fit_under_mixed, reference_probe
 from tests.conftest import D_EMB, NUM_CLASSES, dict_loader, make_module, make_trainer
 from tests.graph.test_graphed_step import Interrupt, fit_sweep, fit_three_probes, fit_with_changing_rate
 
@@ -79,13 +79,20 @@ def test_probe_step_makes_no_host_device_sync():
     assert "eval/knn_top1" in trainer.callback_metrics
 
 
-def test_16_mixed_probe_is_exact_and_independent_of_the_main_loss_scale():
+def test_16_mixed_probe_in_float32_is_exact_and_independent_of_the_main_loss_scale():
     model = make_module(optim={"type": "SGD", "lr": 1e-3})
     torch.manual_seed(1)
     initial = nn.Linear(D_EMB, NUM_CLASSES)
     make_opt = functools.partial(torch.optim.SGD, lr=0.2, momentum=0.9)
     probe = OnlineProbe(
-        model, "linear", "embedding", "label", probe=copy.deepcopy(initial), optimizer=make_opt, gradient_clip_val=0.05
+        model,
+        "linear",
+        "embedding",
+        "label",
+        probe=copy.deepcopy(initial),
+        optimizer=make_opt,
+        gradient_clip_val=0.05,
+        precision="32",  # the forward in float32: the hand-written float32 loop is the exact reference
     )
     spy = FeatureSpy()
     make_trainer(accelerator="gpu", precision="16-mixed", max_epochs=2, callbacks=[spy, probe]).fit(
@@ -97,6 +104,16 @@ def test_16_mixed_probe_is_exact_and_independent_of_the_main_loss_scale():
     for got, want in zip(model.callbacks_modules["linear"].parameters(), expected.parameters()):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
     assert model.callbacks_modules["linear"].weight.dtype == torch.float32
+
+
+def test_under_16_mixed_the_probe_runs_under_float16_autocast_with_its_own_loss_scale():
+    weight, dtypes, probe = fit_under_mixed(None, "16-mixed", accelerator="gpu")
+    reference, reference_dtypes, reference_probe_ = fit_under_mixed("32", "16-mixed", accelerator="gpu")
+    assert dtypes == {torch.float16} and reference_dtypes == {torch.float32}
+    assert probe.stepper._scaling and not reference_probe_.stepper._scaling  # float32 weights need no scale
+    assert weight.dtype == torch.float32 and torch.isfinite(weight).all()
+    assert not torch.equal(weight, reference)
+    torch.testing.assert_close(weight, reference, rtol=0, atol=5e-2 * float(reference.abs().max()))
 
 
 def test_16_true_probe_trains_with_its_own_loss_scale():
@@ -126,8 +143,9 @@ def _assert_same_run(a, b):
     assert [p.stepper.steps for p in probes_a] == [p.stepper.steps for p in probes_b]
 
 
-@pytest.mark.parametrize("precision", ["32-true", "16-true"])
+@pytest.mark.parametrize("precision", ["32-true", "16-true", "bf16-mixed", "16-mixed"])
 def test_graph_replays_are_bit_identical_to_eager_steps(precision):
+    # Under a mixed precision the probes' forward runs under the step's autocast, captured with the step.
     # Fused AdamW, LARS over BatchNorm and a torchmetrics metric; a NaN batch, a smaller last batch, validation.
     eager = fit_three_probes(False, accelerator="gpu", precision=precision)
     graphed = fit_three_probes(None, accelerator="gpu", precision=precision)

@@ -922,7 +922,8 @@ def test_float16_probe_on_cpu_trains_with_its_own_loss_scale():
     assert all("loss scale settling" in str(w.message) for w in skipped)
 
 
-def _fit_under_bf16(precision):
+def fit_under_mixed(precision, trainer_precision="bf16-mixed", **trainer_kw):
+    """A linear probe's weights after two epochs under a mixed-precision Trainer, and its logits' dtypes."""
     torch.manual_seed(0)
     model = make_module(optim={"type": "SGD", "lr": 0.05})
     probe = OnlineProbe(
@@ -940,14 +941,14 @@ def _fit_under_bf16(precision):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             dtypes.append(batch["p_preds"].dtype)
 
-    trainer = make_trainer(max_epochs=2, callbacks=[probe, Spy()], precision="bf16-mixed")
+    trainer = make_trainer(max_epochs=2, callbacks=[probe, Spy()], precision=trainer_precision, **trainer_kw)
     trainer.fit(model, dict_loader(), dict_loader(n=24))
-    return model.callbacks_modules["p"].weight.detach().clone(), set(dtypes)
+    return model.callbacks_modules["p"].weight.detach().clone(), set(dtypes), probe
 
 
 def test_under_bf16_mixed_the_probe_runs_under_the_step_autocast_and_agrees_with_float32():
-    weight, dtypes = _fit_under_bf16(None)
-    reference, reference_dtypes = _fit_under_bf16("32")
+    weight, dtypes, _ = fit_under_mixed(None)
+    reference, reference_dtypes, _ = fit_under_mixed("32")
     assert dtypes == {torch.bfloat16} and reference_dtypes == {torch.float32}  # the forward's matmul precision
     assert weight.dtype == reference.dtype == torch.float32  # float32 weights and update either way
     assert not torch.equal(weight, reference)
