@@ -7,7 +7,9 @@ Each configuration runs in its own process (a fresh CUDA allocator), through the
   knn               sslprobe.Module + OnlineKNN with the default queue (65,536 rows); --knn-dtype picks its bank
 
 Usage: python benchmarks/memory.py [--backbone resnet50] [--configs none,floor-8,eager-8,module-8,sweep-16,knn]
-Prints the peak and the peak above `none` per configuration, in MiB.
+                                  [--breakdown]
+Prints the peak and the peak above `none` per configuration, in MiB. `--breakdown` also prints, at the last training
+batch, the memory in use by allocator pool (the general pool, or a CUDA graph's private pool) and stream.
 """
 
 from __future__ import annotations
@@ -22,8 +24,35 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def measure(config: str, backbone_name: str, warm: int, steps: int) -> float:
-    """Peak allocated MiB of one configuration's fit (run in this process)."""
+def breakdown_lines() -> list[str]:
+    """Memory in use now, by (pool, stream), from the allocator's snapshot; the largest blocks outside the main pool."""
+    import torch
+
+    groups: dict[tuple, list[int]] = {}
+    blocks = []
+    for segment in torch.cuda.memory_snapshot():
+        pool = "graph pool" if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0) else "general pool"
+        key = (pool, segment["stream"])
+        used = sum(b["size"] for b in segment["blocks"] if b["state"] == "active_allocated")
+        groups.setdefault(key, [0, 0])
+        groups[key][0] += used
+        groups[key][1] += segment["total_size"]
+        if key != ("general pool", 0):
+            blocks += [
+                (b["size"], pool, segment["stream"]) for b in segment["blocks"] if b["state"] == "active_allocated"
+            ]
+    lines = [f"  in use {torch.cuda.memory_allocated() / 2**20:.1f} MiB"]
+    for (pool, stream), (used, total) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
+        lines.append(
+            f"  {pool:12s} stream {stream:#x}: {used / 2**20:8.1f} MiB in use of {total / 2**20:8.1f} reserved"
+        )
+    for size, pool, stream in sorted(blocks, reverse=True)[:8]:
+        lines.append(f"    block {size / 2**20:7.2f} MiB ({pool}, stream {stream:#x})")
+    return lines
+
+
+def measure(config: str, backbone_name: str, warm: int, steps: int, breakdown: bool = False) -> dict:
+    """Peak allocated MiB of one configuration's fit (run in this process), and its breakdown if asked."""
     import logging
 
     import lightning.pytorch as pl
@@ -53,6 +82,14 @@ def measure(config: str, backbone_name: str, warm: int, steps: int) -> float:
         probes = [OnlineKNN(model, "knn", "embedding", "label")]
     else:
         model, probes = overhead.build(config, backbone, emb)
+    lines: list[str] = []
+
+    class Breakdown(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if breakdown and batch_idx == warm + steps - 1:
+                torch.cuda.synchronize()
+                lines.extend(breakdown_lines())
+
     trainer = pl.Trainer(
         accelerator="gpu",
         devices=1,
@@ -63,11 +100,11 @@ def measure(config: str, backbone_name: str, warm: int, steps: int) -> float:
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=probes,
+        callbacks=[*probes, Breakdown()],
     )
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(model, overhead.Batches(pool, warm + steps))
-    return torch.cuda.max_memory_allocated() / 2**20
+    return {"peak_mib": torch.cuda.max_memory_allocated() / 2**20, "breakdown": lines}
 
 
 def main() -> None:
@@ -78,16 +115,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=22)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process: one configuration
     ap.add_argument("--json", default=None)
+    ap.add_argument("--breakdown", action="store_true")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps({"peak_mib": measure(args.one, args.backbone, args.warm, args.steps)}))
+        print(json.dumps(measure(args.one, args.backbone, args.warm, args.steps, args.breakdown)))
         return
-    peaks = {}
+    peaks, breakdowns = {}, {}
     for config in args.configs.split(","):
         cmd = [sys.executable, __file__, "--one", config, "--backbone", args.backbone]
-        cmd += ["--warm", str(args.warm), "--steps", str(args.steps)]
+        cmd += ["--warm", str(args.warm), "--steps", str(args.steps)] + (["--breakdown"] if args.breakdown else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        peaks[config] = json.loads(out.strip().splitlines()[-1])["peak_mib"]
+        result = json.loads(out.strip().splitlines()[-1])
+        peaks[config], breakdowns[config] = result["peak_mib"], result["breakdown"]
     import torch
 
     print(
@@ -97,6 +136,8 @@ def main() -> None:
     base = peaks.get("none", float("nan"))
     for config, peak in peaks.items():
         print(f"{config:10s} peak {peak:9.1f} MiB   above none {peak - base:+8.1f} MiB")
+        for line in breakdowns[config]:
+            print(line)
     if args.json:
         Path(args.json).write_text(json.dumps(peaks, indent=1))
 
