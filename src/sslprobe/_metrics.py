@@ -30,6 +30,7 @@ __all__ = [
     "loader_metrics",
     "loader_suffix",
     "log_loader_metrics",
+    "log_split_values",
     "metric_states",
     "normalize_metrics",
     "reset_metric",
@@ -127,16 +128,21 @@ def log_loader_metrics(
     See :func:`computed_loader_metrics` for what is logged.
     """
     for _, suffix, values in computed_loader_metrics(pl_module, container, name, split, skip=skip, owner=owner):
-        for key, value in values.items():
-            pl_module.log(
-                f"{STAGE_PREFIX[split]}/{name}_{key}{suffix}",
-                value,
-                on_step=False,
-                on_epoch=True,
-                sync_dist=False,
-                prog_bar=split == "val",
-                add_dataloader_idx=False,
-            )
+        log_split_values(pl_module, name, split, suffix, values)
+
+
+def log_split_values(pl_module: Any, name: str, split: str, suffix: str, values: Mapping[str, Any]) -> None:
+    """Log ``{prefix}/{name}_{key}{suffix}`` of each value once per epoch (evaluation's in the progress bar)."""
+    for key, value in values.items():
+        pl_module.log(
+            f"{STAGE_PREFIX[split]}/{name}_{key}{suffix}",
+            value,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=False,
+            prog_bar=split == "val",
+            add_dataloader_idx=False,
+        )
 
 
 def _has_labelled_samples(metric: torch.nn.Module, key: str, owner: str) -> bool:

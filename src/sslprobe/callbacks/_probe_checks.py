@@ -7,13 +7,34 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["POOL_HINT", "check_features", "check_target"]
+from sslprobe._build import class_name
+
+__all__ = [
+    "POOL_HINT",
+    "UNTRAINED_LAZY",
+    "check_features",
+    "check_loss_fn",
+    "check_target",
+    "no_test_target_message",
+    "run_probe_checked",
+    "single_sample_message",
+    "unlabelled_message",
+]
 
 POOL_HINT = (
     " HINT: pool the features to (B, D) first (mean over tokens or space, a CLS token, or sslprobe.Layer(path, "
     "pool='auto')), use a probe that flattens them (LinearProbe, MLPProbe), or use AttentiveProbe for tokens "
     "(B, N, D)."
 )
+
+UNTRAINED_LAZY = "evaluating a lazy probe before any training batch; its numbers are those of an untrained probe."
+
+
+def no_test_target_message(owner: str, target: Any) -> str:
+    """Why a test is not scored: its batches hold no labels."""
+    return (
+        f"{owner}: the test batches hold no target {target!r}; the probe only predicts and test metrics are not logged."
+    )
 
 
 def check_features(owner: str, input: Any, x: Tensor, probe: nn.Module) -> None:
@@ -81,3 +102,48 @@ def check_target(owner: str, loss: Any, input: Any, target_key: Any, preds: Tens
             f"{owner}: targets must be class indices in [0, {num_classes}) for a probe with {num_classes} outputs, "
             f"got values up to {high}. Give the probe {high + 1} outputs or fix the labels."
         )
+
+
+def check_loss_fn(owner: str, loss_fn: Any) -> None:
+    """Raise where ``loss_fn`` is not a ``(preds, target) -> Tensor`` callable (a class is the usual slip)."""
+    if isinstance(loss_fn, type):
+        name = class_name(loss_fn)
+        raise TypeError(
+            f"{owner}: loss_fn is the class {name}, not a loss: it would be called with (preds, target) as its "
+            f"constructor arguments. Pass an instance, e.g. loss_fn={name}()."
+        )
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"{owner}: loss_fn must be callable (preds, target) -> Tensor, got {type(loss_fn).__name__}.")
+
+
+def run_probe_checked(owner: str, input: Any, probe: nn.Module, x: Tensor) -> Tensor:
+    """The probe's first call on a stage's features: checked, and its failure said in the user's terms."""
+    check_features(owner, input, x, probe)
+    try:
+        return probe(x)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"{owner}: the probe failed on features {input!r} of shape {tuple(x.shape)} and dtype {x.dtype}: {err}. "
+            "Check that the probe's input size matches the features."
+        ) from err
+
+
+def single_sample_message(owner: str, batches: int) -> str:
+    """Why ``batches`` training batches of one sample left a probe with batch statistics unchanged."""
+    return (
+        f"{owner}: skipped {batches} training batch(es) of a single sample: the probe normalises with batch statistics "
+        "(BatchNorm/FeatureNorm), which one sample cannot give; the probe was left unchanged by them. HINT: "
+        "DataLoader(..., drop_last=True) avoids such a last batch."
+    )
+
+
+def unlabelled_message(owner: str, ignore_index: int, unlabelled: int, skipped: int) -> str:
+    """Why ``skipped`` batches were skipped, ``unlabelled`` of them because no target was labelled."""
+    message = (
+        f"{owner}: skipped {unlabelled} training batch(es) with no labelled sample (every target was the loss's "
+        f"ignore_index={ignore_index}): there was nothing to learn from"
+    )
+    if skipped > unlabelled:
+        rest = skipped - unlabelled
+        message += f", and {rest} whose features, loss or gradients were not finite (check the main model)"
+    return message + "; the probe was left unchanged by them."

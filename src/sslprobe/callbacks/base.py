@@ -463,7 +463,7 @@ class TrainableCallback(Callback):
             skipped = self.skipped_batches  # one sync per epoch
             if skipped:
                 self._skip_warned = True
-                rank_zero_warn(self._skipped_message(skipped), category=RuntimeWarning)
+                rank_zero_warn(self.skipped_message(skipped), category=RuntimeWarning)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -475,10 +475,10 @@ class TrainableCallback(Callback):
         """Release the CUDA graph when a fit stops on an error, as at its end."""
         self._graphed.release()
 
-    def _skipped_message(self, skipped: int) -> str:
-        """What the warning about ``skipped`` skipped batches says (said once)."""
+    def skipped_message(self, skipped: int) -> str:
+        """What the warning about ``skipped`` skipped batches says (once, at an epoch's end); a subclass adds why."""
         scaling = (
-            " With a float16 probe the first few are its own loss scale settling, which is expected."
+            " With a float16 probe or forward the first few are its own loss scale settling, which is expected."
             if self._stepper is not None and self._stepper._scaling
             else ""
         )

@@ -225,3 +225,29 @@ def moments_statistics(moments: Tensor, minimum: int) -> tuple[Tensor, Tensor, T
     mean = moments[1 : size + 1] / n
     var = (moments[size + 1 :] / n - mean.square()).clamp_(min=0.0)
     return mean, var, count >= minimum
+
+
+def feature_norms(module: nn.Module) -> list[FeatureNorm]:
+    """The :class:`FeatureNorm` layers of ``module`` (itself included)."""
+    return [m for m in module.modules() if isinstance(m, FeatureNorm)]
+
+
+def begin_norm_evaluation(module: nn.Module, reduce: Callable[[list[Tensor]], None] | None) -> None:
+    """Start an evaluation in every FeatureNorm of ``module``; ``reduce`` sums its rows' statistics across processes."""
+    for norm in feature_norms(module):
+        norm._reduce = reduce
+        norm.frozen_eval = False
+        norm.start_evaluation()
+
+
+def end_norm_evaluation(module: nn.Module) -> None:
+    """End an evaluation: a FeatureNorm called on one process alone afterwards must not wait for the others."""
+    for norm in feature_norms(module):
+        norm._reduce = None
+        norm.frozen_eval = False
+
+
+def freeze_norm_statistics(module: nn.Module, frozen: bool) -> None:
+    """Whether this evaluation's rows leave the statistics as they are (a second loader reads the first's)."""
+    for norm in feature_norms(module):
+        norm.frozen_eval = frozen
