@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17 + 24 (fifth session): the CUDA tests, then the probes' cost with the one-step refactor ("after") beside the
 # code before it ("before", a copy of its src/ under bench_old/src, carried), and peak memory.
-# Usage: bash benchmarks/gpu_house.sh PART   (PART: r50 | r18 | mixed)
+# Usage: bash benchmarks/gpu_house.sh PART   (PART: r50 | r18 | mixed | costs)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -30,5 +30,13 @@ mixed)
     PYTHONPATH=$NEW timeout 240 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log" | tail -15
     PYTHONPATH=$NEW timeout 150 python3 benchmarks/memory.py --configs none,floor-8,eager-8,module-8,sweep-16 --json "$OUT/memory.json" 2>&1 | grep -v "$F"
     PYTHONPATH=$NEW timeout 300 python3 benchmarks/overhead.py --device cuda --backbone vit_b_16 --rounds 3 --steps 100 --configs none,attn-floor,attn-floor32,attn-1,attn32-1,cls-1 --json "$OUT/vit_b_16.json" 2>&1 | grep -v "$F"
+    ;;
+costs)
+    # Where the remaining memory and the ViT linear probe's time go: the memory breakdown by pool and stream, the
+    # kernels of the probe steps on ViT-B/16, and the ViT overhead with more rounds.
+    PYTHONPATH=$NEW timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_cuda.py 2>&1 | tail -3
+    PYTHONPATH=$NEW timeout 120 python3 benchmarks/memory.py --configs none,eager-8,module-8 --breakdown 2>&1 | grep -v "$F"
+    PYTHONPATH=$NEW timeout 150 python3 benchmarks/profile_kernels.py --backbone vit_b_16 --configs module-1,cls-1,attn-floor,attn-1 --top 30 2>&1 | grep -v "$F"
+    PYTHONPATH=$NEW timeout 250 python3 benchmarks/overhead.py --device cuda --backbone vit_b_16 --rounds 5 --steps 100 --configs none,module-1,cls-1,attn-floor,attn-1 --json "$OUT/vit_b_16_costs.json" 2>&1 | grep -v "$F"
     ;;
 esac

@@ -1,6 +1,7 @@
 """Which GPU kernels does a probe's step launch, and how long do they run? (CUDA only.)
 
 Usage: python benchmarks/profile_kernels.py --backbone resnet50 --configs module-1,lars-1,probe-1,sweep-16,floor-1
+       (--backbone resnet18, resnet50 or vit_b_16; on the ViT also cls-1, attn-1 and attn-floor)
 Profiles configurations of overhead.py with torch.profiler (CPU + CUDA activity). Every kernel launched (on any
 host thread) while a probe callback's training hook runs (or, for ``floor-N``, the hand-written probe loop) is
 attributed to the probes; the script prints, per training step, their kernel count, their GPU time, the host time
@@ -39,12 +40,12 @@ def _scoped(hook):
     return wrapper
 
 
-def profile(config, backbone, emb, pool, run, precision):
+def profile(config, backbone, emb, pool, run, precision, num_classes):
     """(ms/step, kernels per step, GPU us per step, host us per step, {kernel: [count, us] per step})."""
-    overhead.run_config(config, backbone, emb, pool, run, "cuda", precision)  # warm up
+    overhead.run_config(config, backbone, emb, pool, run, "cuda", precision, num_classes)  # warm up
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        ms, _, _ = overhead.run_config(config, backbone, emb, pool, run, "cuda", precision)
+        ms, _, _ = overhead.run_config(config, backbone, emb, pool, run, "cuda", precision, num_classes)
     steps = run.warm + run.steps
     events = prof.events()
     scopes = [e for e in events if e.name in SCOPES and e.device_type == torch.autograd.DeviceType.CPU]
@@ -78,14 +79,15 @@ def main():
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     TrainableCallback.on_train_batch_end = _scoped(TrainableCallback.on_train_batch_end)
-    batch = {"resnet18": 256, "resnet50": 128}[args.backbone]
+    batch = {"resnet18": 256, "resnet50": 128, "vit_b_16": 64}[args.backbone]
+    num_classes = overhead.VIT_CLASSES if args.backbone.startswith("vit") else overhead.NUM_CLASSES
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
     backbone, shape, emb = overhead.make_backbone(args.backbone)
     pool = [
         {
             "image": torch.randn(batch, *shape, device="cuda"),
-            "label": torch.randint(0, overhead.NUM_CLASSES, (batch,), device="cuda"),
+            "label": torch.randint(0, num_classes, (batch,), device="cuda"),
         }
         for _ in range(4)
     ]
@@ -93,7 +95,7 @@ def main():
     print(f"# {torch.cuda.get_device_name()} backbone={args.backbone} batch={batch} torch={torch.__version__}")
     print("# per training step: probe kernels, their GPU time, host time in the probe hooks")
     for config in args.configs.split(","):
-        ms, count, gpu, host, table = profile(config, backbone, emb, pool, run, "bf16-mixed")
+        ms, count, gpu, host, table = profile(config, backbone, emb, pool, run, "bf16-mixed", num_classes)
         print(f"\n## {config}: {ms:.2f} ms/step profiled; {count:.1f} kernels, GPU {gpu:.1f} us, host {host:.1f} us")
         for name, (n, us) in sorted(table.items(), key=lambda kv: -kv[1][1])[: args.top]:
             print(f"   {n:5.1f} x {us:7.1f} us  {name}")
