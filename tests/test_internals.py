@@ -96,3 +96,30 @@ def test_logs_this_step_follows_the_logger_cadence():
     model = make_module()
     make_trainer(max_epochs=1, callbacks=[Spy()], log_every_n_steps=2).fit(model, dict_loader())
     assert seen == [False, True, False, True, False, True]  # steps 2, 4, 6 (1-based)
+
+
+def test_the_foreach_kernels_do_their_math_on_lists():
+    a, b = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])], [torch.tensor([4.0, 5.0]), torch.tensor([6.0])]
+    assert [t.tolist() for t in _internals.foreach_add(a, b)] == [[5.0, 7.0], [9.0]]
+    assert [t.tolist() for t in _internals.foreach_mul(a, 2.0)] == [[2.0, 4.0], [6.0]]
+    assert [t.tolist() for t in _internals.foreach_div(b, a)] == [[4.0, 2.5], [2.0]]
+    assert [float(n) for n in _internals.foreach_norm(a)] == pytest.approx([5**0.5, 3.0])
+    c = [t.clone() for t in a]
+    _internals.foreach_add_(c, b, alpha=2.0)
+    _internals.foreach_sub_(c, a)
+    _internals.foreach_mul_(c, 0.5)
+    assert [t.tolist() for t in c] == [[4.0, 5.0], [6.0]]
+    _internals.foreach_copy_(c, a)
+    assert [t.tolist() for t in c] == [t.tolist() for t in a]
+
+
+def test_batch_norm_types_cover_batch_norms_and_not_instance_norm():
+    kinds = _internals.batch_norm_types()
+    for layer in (
+        torch.nn.BatchNorm1d(3),
+        torch.nn.BatchNorm2d(3),
+        torch.nn.SyncBatchNorm(3),
+        torch.nn.LazyBatchNorm1d(),
+    ):
+        assert isinstance(layer, kinds), type(layer).__name__
+    assert not isinstance(torch.nn.InstanceNorm1d(3), kinds) and not isinstance(torch.nn.LayerNorm(3), kinds)

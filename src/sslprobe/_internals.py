@@ -15,6 +15,15 @@ from torch import Tensor
 from torchmetrics import Metric
 
 __all__ = [
+    "batch_norm_types",
+    "foreach_add",
+    "foreach_add_",
+    "foreach_copy_",
+    "foreach_div",
+    "foreach_mul",
+    "foreach_mul_",
+    "foreach_norm",
+    "foreach_sub_",
     "fused_adam_kernel",
     "logs_this_step",
     "metric_counters",
@@ -26,6 +35,25 @@ __all__ = [
     "tensor_version",
     "update_loss_scale_",
 ]
+
+
+# torch's multi-tensor ("foreach") kernels, which torch.optim is built on: one launch for a list of tensors.
+foreach_add = torch._foreach_add
+foreach_add_ = torch._foreach_add_
+foreach_copy_ = torch._foreach_copy_
+foreach_div = torch._foreach_div
+foreach_mul = torch._foreach_mul
+foreach_mul_ = torch._foreach_mul_
+foreach_norm = torch._foreach_norm
+foreach_sub_ = torch._foreach_sub_
+
+
+def batch_norm_types() -> tuple[type, ...]:
+    """The layers that normalise with batch statistics in training (BatchNorm, SyncBatchNorm, their lazy forms).
+
+    Not InstanceNorm, which normalises each sample alone.
+    """
+    return (torch.nn.modules.batchnorm._BatchNorm,)
 
 
 def fused_adam_kernel(decoupled: bool) -> Callable[..., Any]:

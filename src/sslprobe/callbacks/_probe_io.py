@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from sslprobe._batch import Locator, features_of, target_of
 from sslprobe._build import has_uninitialized_params
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum_, world_size
+from sslprobe._internals import batch_norm_types
 from sslprobe.probes.feature_norm import FeatureNorm, begin_norm_evaluation, end_norm_evaluation
 
 __all__ = [
@@ -82,7 +83,7 @@ def count_unlabelled(counter: Tensor | None, loss: Any, target: Tensor) -> Tenso
 
 def normalises_batches(probe: nn.Module) -> bool:
     """Whether ``probe`` normalises with batch statistics (BatchNorm, FeatureNorm): one sample cannot train it."""
-    return any(isinstance(m, (nn.modules.batchnorm._NormBase, FeatureNorm)) for m in probe.modules())
+    return any(isinstance(m, (*batch_norm_types(), FeatureNorm)) for m in probe.modules())
 
 
 def begin_evaluation(probe: nn.Module) -> None:

@@ -22,7 +22,7 @@ from typing_extensions import override
 from sslprobe._build import ModuleSpec, build_module, has_uninitialized_params
 from sslprobe._containers import WITH_PROBES, CallbackModuleDict, ensure_containers, is_reserved_key
 from sslprobe._distributed import all_reduce_mean_, all_reduce_sum, broadcast_, world_size
-from sslprobe._internals import logs_this_step
+from sslprobe._internals import foreach_copy_, logs_this_step
 from sslprobe._rng import PrivateRNG, needs_private_rng
 from sslprobe._run_length import run_length
 from sslprobe.graph import GraphedStep, StepParts
@@ -436,7 +436,7 @@ class TrainableCallback(Callback):
         # Running statistics (BatchNorm) change in the forward: keep a copy to undo a non-finite batch.
         buffers, saved = ([], []) if lazy else self._buffers_of(module)
         if buffers:
-            torch._foreach_copy_(saved, buffers)
+            foreach_copy_(saved, buffers)
         with self._private_rng(module), torch.enable_grad(), self.autocast(inputs[0].device):
             loss, extras = self.compute_step(module, *(x.detach() for x in inputs))
         if lazy and world_size() > 1:

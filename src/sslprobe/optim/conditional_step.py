@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sslprobe._internals import fused_adam_kernel
+from sslprobe._internals import foreach_add_, foreach_sub_, fused_adam_kernel
 from sslprobe.optim._pieces import PieceCache, cut_alike
 
 __all__ = ["captures_safely", "conditional_step", "forget_plan", "uses_fused_adam"]
@@ -80,7 +80,7 @@ def _fused_adam_step(optimizer: Optimizer, skip: Tensor, pieces: PieceCache | No
     found = skip.to(torch.float32)
     # Every group's step counters move in one multi-tensor kernel (and back, for a skipped step, in one more).
     steps = [step for _, _, _, group_steps, _ in plan for step in group_steps]
-    torch._foreach_add_(steps, 1)
+    foreach_add_(steps, 1)
     for group, params, moments, group_steps, kernel in plan:
         # With a cache: flat pieces of every tensor, so the kernel runs on many blocks (see `cut_alike`). The
         # kernel only reads the step counts, so each piece gets its parameter's counter.
@@ -106,7 +106,7 @@ def _fused_adam_step(optimizer: Optimizer, skip: Tensor, pieces: PieceCache | No
             grad_scale=None,
             found_inf=found,
         )
-    torch._foreach_sub_(steps, [found] * len(steps))
+    foreach_sub_(steps, [found] * len(steps))
     return True
 
 

@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sslprobe._internals import foreach_add, foreach_add_, foreach_mul, foreach_mul_, foreach_norm
+
 __all__ = ["LARS"]
 
 
@@ -151,7 +153,7 @@ class LARS(Optimizer):
                 directions = self._undamped_momentum(params, directions, group, keep)
             elif group["momentum"] != 0:
                 directions = [self._momentum(p, d, group, keep) for p, d in zip(params, directions)]
-            torch._foreach_add_(params, directions, alpha=-group["lr"])
+            foreach_add_(params, directions, alpha=-group["lr"])
 
     def _directions(self, params: list[Tensor], grads: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
         adapted = [i for i, p in enumerate(params) if p.ndim > 1 or not group["exclude_bias_n_norm"]]
@@ -161,7 +163,7 @@ class LARS(Optimizer):
         n = len(adapted)
         # One multi-tensor kernel for every norm, then the trust ratios as one small vector: a handful of kernel
         # launches whatever the number of parameters (a probe steps every batch; launches are its cost).
-        norms = torch.stack(torch._foreach_norm([params[i] for i in adapted] + [grads[i] for i in adapted]))
+        norms = torch.stack(foreach_norm([params[i] for i in adapted] + [grads[i] for i in adapted]))
         p_norm, g_norm = norms[:n], norms[n:]  # (A,), (A,)
         denominator = g_norm + wd * p_norm + eps if wd != 0 else g_norm + eps
         if not group["clip_lr"]:
@@ -179,8 +181,8 @@ class LARS(Optimizer):
         picked = [grads[i] for i in adapted]
         if wd != 0:
             decay = torch.where(use, wd, 0.0).to(trust.dtype)
-            picked = torch._foreach_add(picked, torch._foreach_mul([params[i] for i in adapted], list(decay.unbind())))
-        for i, d in zip(adapted, torch._foreach_mul(picked, list(scale.unbind()))):
+            picked = foreach_add(picked, foreach_mul([params[i] for i in adapted], list(decay.unbind())))
+        for i, d in zip(adapted, foreach_mul(picked, list(scale.unbind()))):
             directions[i] = d
         return directions
 
@@ -202,9 +204,9 @@ class LARS(Optimizer):
         if keep is not None:
             dtype = torch.float64 if any(b.dtype == torch.float64 for b in buffers) else torch.float32
             factor = torch.where(keep, torch.full((), momentum, dtype=dtype, device=keep.device), 1.0)
-        torch._foreach_mul_(buffers, factor)
-        torch._foreach_add_(buffers, directions)
-        steps = torch._foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else list(buffers)
+        foreach_mul_(buffers, factor)
+        foreach_add_(buffers, directions)
+        steps = foreach_add(directions, buffers, alpha=momentum) if group["nesterov"] else list(buffers)
         if keep is None:
             return steps
         zero = torch.zeros((), dtype=steps[0].dtype, device=steps[0].device)

@@ -9,7 +9,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from sslprobe._internals import non_finite_check_and_unscale_, tensor_version, update_loss_scale_
+from sslprobe._internals import (
+    foreach_add_,
+    foreach_div,
+    foreach_mul,
+    foreach_mul_,
+    non_finite_check_and_unscale_,
+    tensor_version,
+    update_loss_scale_,
+)
 from sslprobe.optim._pieces import PieceCache, cut_alike, is_cut
 from sslprobe.optim.conditional_step import captures_safely, conditional_step, forget_plan, uses_fused_adam
 
@@ -162,18 +170,18 @@ class Stepper:
         ok = (finite >= self.world_size).to(grads[0].dtype)  # the whole global batch was finite
         if self.accumulate_grad_batches == 1:
             # A window of one global batch: step on its mean unless any part of it was not finite.
-            torch._foreach_mul_(grads, ok / self.world_size)  # finite values: the multiply by 0 or 1/W is exact
+            foreach_mul_(grads, ok / self.world_size)  # finite values: the multiply by 0 or 1/W is exact
             self._step(grads, 1.0 - ok)
             return
         if self._sums is None:
             self._sums = [torch.zeros_like(g) for g in grads]
-        torch._foreach_add_(self._sums, torch._foreach_mul(grads, ok))
+        foreach_add_(self._sums, foreach_mul(grads, ok))
         self._good.add_(ok)
         full = self._good >= self.accumulate_grad_batches
-        mean = torch._foreach_div(self._sums, self._good.clamp(min=1.0) * self.world_size)
+        mean = foreach_div(self._sums, self._good.clamp(min=1.0) * self.world_size)
         self._step(mean, (~full).to(torch.float32))
         still_open = (~full).to(self._good.dtype)
-        torch._foreach_mul_(self._sums, still_open)  # sums are finite, so a multiply by 0 or 1 is exact
+        foreach_mul_(self._sums, still_open)  # sums are finite, so a multiply by 0 or 1 is exact
         self._good.mul_(still_open)
 
     def _checked_grads(self, loss: Tensor, found: Tensor) -> list[Tensor]:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from sslprobe._internals import fused_adam_kernel, tensor_version
+from sslprobe._internals import foreach_add_, foreach_sub_, fused_adam_kernel, tensor_version
 
 __all__ = ["SweepOptimizer"]
 
@@ -160,7 +160,7 @@ class SweepOptimizer(Optimizer):
             # One fill over the whole GPU each (a multi-tensor zero runs one block per 64K elements).
             buffer.fill_(-0.0)
         steps = [state["step"] for state in states]
-        torch._foreach_add_(steps, 1.0)
+        foreach_add_(steps, 1.0)
         group = entries[0][0]
         beta1, beta2 = group["betas"]
         found = None if found_inf is None else found_inf.to(device=params[0].device, dtype=torch.float32)
@@ -182,7 +182,7 @@ class SweepOptimizer(Optimizer):
             found_inf=found,
         )
         if found is not None:
-            torch._foreach_sub_(steps, [found] * len(steps))
+            foreach_sub_(steps, [found] * len(steps))
         keep = None if found is None else found == 0
         for (group, p), update in zip(entries, scratch):
             view = (-1,) + (1,) * (p.ndim - 1)
