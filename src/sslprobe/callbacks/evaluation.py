@@ -5,17 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from sslprobe.callbacks._evaluation_hooks import EvaluationHooks
 from sslprobe.callbacks.base import cached_state_key, is_bound
 from sslprobe.layer import LayerReader
 
 __all__ = ["EvaluationCallback"]
 
 
-class EvaluationCallback(LayerReader, Callback):
+class EvaluationCallback(LayerReader, EvaluationHooks):
     """Base of callbacks that train nothing: they keep rows (or statistics of them) and evaluate at validation.
 
     :class:`~sslprobe.callbacks.OnlineKNN` keeps a bank of rows, :class:`~sslprobe.callbacks.RefitProbe` sums their
@@ -60,48 +60,19 @@ class EvaluationCallback(LayerReader, Callback):
         self._warned = set()
 
     @override
-    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prepare this validation (one collective at most); nothing in the sanity check's logs."""
-        self._start_eval(trainer, pl_module, "val")
+    def start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+        """Prepare this validation or test (one collective at most)."""
+        self._start_eval(trainer, pl_module, split)
 
     @override
-    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Prepare this test."""
-        self._start_eval(trainer, pl_module, "test")
-
-    @override
-    def on_validation_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
+    def evaluate_batch(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int
     ) -> None:
-        """Score the batch and update that loader's eval metrics (not in the sanity check)."""
-        if not trainer.sanity_checking:
-            self._evaluate(pl_module, outputs, batch, "val", dataloader_idx)
+        """Score the batch and update that loader's metrics (not in the sanity check, not in predict)."""
+        if split != "predict" and not trainer.sanity_checking:
+            self._evaluate(pl_module, outputs, batch, split, loader)
 
     @override
-    def on_test_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Score the batch and update that loader's test metrics."""
-        self._evaluate(pl_module, outputs, batch, "test", dataloader_idx)
-
-    @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log ``eval/{name}_{metric}`` (per loader when there are several)."""
-        self._log(pl_module, "val", skip=trainer.sanity_checking)
-
-    @override
-    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log ``test/{name}_{metric}`` (per loader when there are several)."""
-        self._log(pl_module, "test", skip=False)
+    def end_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+        """Log ``eval/{name}_{metric}`` or ``test/...``, per loader when there are several (not in the sanity check)."""
+        self._log(pl_module, split, skip=trainer.sanity_checking)
