@@ -159,3 +159,31 @@ def test_the_sweep_pickles_and_its_copy_builds_the_same_optimizer():
     built = loaded.optimizer(bank)
     assert built.defaults["kind"] == "SGD" and built.defaults["lrs"].tolist() == [0.01, 0.01, 0.1, 0.1]
     assert [group["decay"] for group in built.param_groups] == [True, False]
+
+
+@pytest.mark.parametrize("precision", [None, "32"])
+def test_the_sweep_follows_the_trainers_bf16_autocast_unless_kept_in_float32(precision):
+    model = make_module()
+    sweep = ProbeSweep(
+        model,
+        "sweep",
+        "embedding",
+        "label",
+        num_classes=NUM_CLASSES,
+        lrs=[1e-2, 1e-1],
+        weight_decays=[0.0],
+        precision=precision,
+    )
+    autocasts = []
+    bank = model.callbacks_modules["sweep"]
+    bank.register_forward_pre_hook(
+        lambda module, args: autocasts.append(
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        )
+    )
+    trainer = make_trainer(max_epochs=1, callbacks=[sweep], precision="bf16-mixed")
+    trainer.fit(model, dict_loader(), dict_loader(n=24))
+    # Training and evaluation forwards alike; the weights and their update stay float32.
+    assert set(autocasts) == {None if precision == "32" else torch.bfloat16} and len(autocasts) > 6
+    assert bank.weight.dtype == torch.float32
+    assert "eval/sweep_top1" in trainer.callback_metrics

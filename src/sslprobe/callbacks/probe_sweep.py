@@ -7,7 +7,7 @@ import functools
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -184,6 +184,8 @@ class ProbeSweep(OnlineProbe):
         cuda_graph: as for :class:`OnlineProbe`: on a GPU the whole sweep's step (the bank, the heads' losses,
             the AdamW update of every head, the top-1 counts) is replayed from a CUDA graph; the SGD and LARS
             sweeps run eagerly.
+        precision: as for :class:`OnlineProbe`: ``None`` follows the Trainer's mixed precision (the bank's forward
+            under its autocast, float32 weights and update); ``"32"`` keeps the sweep in float32.
 
     Raises:
         ValueError: for an empty grid, a repeated, non-finite or non-positive value in it, or an unknown optimizer.
@@ -211,6 +213,7 @@ class ProbeSweep(OnlineProbe):
         optimizer: str | Mapping[str, Any] | None = None,
         metrics: MetricsSpec = None,
         cuda_graph: bool | None = None,
+        precision: Literal["32", "bf16-mixed", "16-mixed"] | None = None,
     ) -> None:
         name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
@@ -241,6 +244,7 @@ class ProbeSweep(OnlineProbe):
             optimizer=build_optimizer,
             metrics=metrics,
             cuda_graph=cuda_graph,
+            precision=precision,
         )
         self.lrs, self.weight_decays, self.num_classes = lrs, weight_decays, num_classes
         self.grid = grid
