@@ -321,9 +321,11 @@ def scenario_health(args):
     """RankMe, AlphaReQ and LiDAR on 2 processes: the values every rank logs, gathered to rank 0."""
     model = build_module(trainable=True)
     logged = EveryRankLogged()
-    t = trainer(args.accelerator, [*health_callbacks(model), logged], max_epochs=1)
+    mark = Mark()
+    tally = Tally(mark)
+    t = trainer(args.accelerator, [mark, *health_callbacks(model), tally, logged], max_epochs=1)
     t.fit(model, datamodule=ShardedData())
-    return {"per_rank": logged.per_rank, "world_size": t.world_size}
+    return {"per_rank": logged.per_rank, "world_size": t.world_size, "per_step": tally.per_step}
 
 
 class RankZeroOnly(torch.utils.data.IterableDataset):

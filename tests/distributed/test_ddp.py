@@ -298,6 +298,7 @@ def test_a_layer_input_under_ddp_trains_as_the_returned_embedding(tmp_path):
 def test_health_under_ddp_equals_one_process_holding_the_whole_batch(tmp_path):
     result = run_worker("health", tmp_path / "health.pt")
     assert result["world_size"] == 2
+    assert result["per_step"] == [0] * 6  # a training step only appends rows: no collective
     first, second = result["per_rank"]
     assert first == second  # every rank logs the same value (EarlyStopping/ModelCheckpoint may monitor it)
     assert set(first) == {"eval/rankme", "eval/alpha", "eval/rankme_val", "eval/lidar"}

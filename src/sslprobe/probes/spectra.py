@@ -211,4 +211,4 @@ def _helmert(q: int, like: Tensor) -> Tensor:
     """The ``(q - 1, q)`` Helmert contrasts: orthonormal rows, each orthogonal to the vector of ones."""
     k = torch.arange(1, q, dtype=like.dtype, device=like.device)[:, None]  # (q-1, 1): row k
     j = torch.arange(1, q + 1, dtype=like.dtype, device=like.device)[None, :]  # (1, q): column j (1-based)
-    return (torch.where(j <= k, 1.0, 0.0) - torch.where(j == k + 1, k, 0.0)) / torch.sqrt(k * (k + 1))
+    return ((j <= k).to(like.dtype) - (j == k + 1).to(like.dtype) * k) / torch.sqrt(k * (k + 1))
