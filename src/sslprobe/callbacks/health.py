@@ -278,8 +278,10 @@ class RankMe(_HealthCallback):
 
     ``s`` are the singular values of the uncentred matrix of the last ``queue_size`` training rows (over every
     process), or of that validation's rows with ``source="val"``. Logged as ``eval/{name}`` at each validation
-    (never in the sanity check), the same value on every process. A collapsed embedding reads close to 1; higher is
-    a richer embedding (Garrido et al. 2023). See :func:`sslprobe.probes.spectra.rankme`.
+    (never in the sanity check), the same value on every process; with ``source="val"``, ``trainer.test`` logs
+    ``test/{name}`` on the test rows (with ``source="train"`` it logs nothing and says why once). A collapsed
+    embedding reads close to 1; higher is a richer embedding (Garrido et al. 2023). See
+    :func:`sslprobe.probes.spectra.rankme`.
 
     - [0] Garrido et al., 2023, https://arxiv.org/abs/2210.02885
 
