@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
-    "all_gather_cat",
+    "all_gather_rows",
     "all_reduce_mean_",
     "all_reduce_sum",
     "all_reduce_sum_",
@@ -103,19 +103,78 @@ def broadcast_(tensors: list[Tensor], src: int = 0) -> None:
         _unflat_(flat, group)
 
 
+# The dtypes rows may have, numbered for all_gather_rows's header (a process without rows takes the others').
+_ROW_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+_MAX_ROW_DIMS = 6  # dims of one row that the header carries
+
+
 @torch.no_grad()
-def all_gather_cat(tensor: Tensor) -> Tensor:
-    """Concatenate every process's ``tensor`` along dim 0 (sizes may differ between processes), rank order."""
+def all_gather_rows(rows: Tensor) -> tuple[Tensor, list[int]]:
+    """Every process's ``rows`` concatenated along dim 0 in rank order, and how many came from each process.
+
+    Processes may hold different numbers of rows, and some none at all: a process with no rows may pass any empty
+    tensor (``torch.zeros(0, device=...)``, without knowing the others' row shape or dtype) and takes those of the
+    processes that have rows. Two collectives: a small header (count, row shape, dtype) first, then the rows padded
+    to the longest. Every process must call it, and every process gets the same result. ``rows`` must be on the
+    device of the process group's backend (the module's device).
+
+    Args:
+        rows: Tensor of shape (N, *S), N >= 0 (any shape when N == 0).
+
+    Returns:
+        ``(gathered, counts)``: Tensor of shape (sum(counts), *S) on ``rows``'s device, and the ``N`` of each process.
+
+    Raises:
+        ValueError: on every process, when two processes with rows disagree on ``S`` or the dtype.
+
+    Examples:
+        >>> import torch
+        >>> gathered, counts = all_gather_rows(torch.ones(3, 2))
+        >>> tuple(gathered.shape), counts
+        ((3, 2), [3])
+    """
     n = world_size()
     if n == 1:
-        return tensor
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.zeros_like(size) for _ in range(n)]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
+        return rows, [rows.shape[0]]
+    count = rows.shape[0]
+    shape = tuple(rows.shape[1:]) if count else ()
+    if len(shape) > _MAX_ROW_DIMS or rows.dtype not in _ROW_DTYPES:
+        raise ValueError(
+            f"all_gather_rows: rows of shape {tuple(rows.shape)} and dtype {rows.dtype} cannot be gathered: at most "
+            f"{_MAX_ROW_DIMS} dims per row and a dtype among {', '.join(map(str, _ROW_DTYPES))}."
+        )
+    header = torch.tensor(
+        [count, len(shape), _ROW_DTYPES.index(rows.dtype), *shape, *([0] * (_MAX_ROW_DIMS - len(shape)))],
+        dtype=torch.long,
+        device=rows.device,
+    )
+    headers = [torch.empty_like(header) for _ in range(n)]
+    dist.all_gather(headers, header)
+    table = torch.stack(headers).tolist()  # (n, 3 + _MAX_ROW_DIMS): the same on every process
+    counts = [row[0] for row in table]
+    kinds = {(row[2], tuple(row[3 : 3 + row[1]])) for row in table if row[0] > 0}
+    if len(kinds) > 1:  # every process sees the same table, so every process raises: none waits in a collective
+        got = ", ".join(f"rank {r}: {tuple(row[3 : 3 + row[1]])} {_ROW_DTYPES[row[2]]}" for r, row in enumerate(table))
+        raise ValueError(f"all_gather_rows: the processes' rows differ in shape or dtype ({got}); they must agree.")
+    if not kinds:  # no process has a row
+        return rows, counts
+    ((dtype_index, shape),) = kinds
+    dtype = _ROW_DTYPES[dtype_index]
     longest = max(counts)
-    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
+    padded = torch.zeros((longest, *shape), dtype=dtype, device=rows.device)
+    if count:
+        padded[:count] = rows
     gathered = [torch.empty_like(padded) for _ in range(n)]
     dist.all_gather(gathered, padded)
-    return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)]), counts

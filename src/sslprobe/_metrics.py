@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -107,17 +108,37 @@ def computed_loader_metrics(
     number: said once per key); with ``skip`` (a sanity check) nothing does. ``compute`` reduces across processes.
     """
     computed = []
-    for loader, metrics in evaluated_loaders(container, split):
+    loaders = list(evaluated_loaders(container, split))
+    updated = _updated_anywhere([m for _, metrics in loaders for m in metrics.values()], pl_module, skip)
+    for loader, metrics in loaders:
         suffix = loader_suffix(pl_module.trainer, split, loader)
         values = {}
         for key, metric in metrics.items():
-            if metric.update_called and not skip:
+            if next(updated) and not skip:
                 log_key = f"{STAGE_PREFIX[split]}/{name}_{key}{suffix}"
                 if _has_labelled_samples(metric, log_key, owner):
-                    values[key] = metric.compute()
+                    with warnings.catch_warnings():
+                        # A process that saw no batch of this loader (an uneven or empty shard) still joins the
+                        # reduction in compute; torchmetrics would warn that compute came before update.
+                        warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+                        values[key] = metric.compute()
             reset_metric(metric)
         computed.append((loader, suffix, values))
     return computed
+
+
+def _updated_anywhere(metrics: list[torch.nn.Module], pl_module: Any, skip: bool) -> Iterator[bool]:
+    """Whether each metric saw a batch on any process (one collective under DDP), so every process computes it.
+
+    A process whose shard of the evaluation was empty has ``update_called`` false where the others have it true; if
+    it skipped ``compute`` (a reduction) the others would wait for it forever.
+    """
+    flags = [bool(getattr(m, "update_called", False)) for m in metrics]
+    if world_size() > 1 and not skip and metrics:
+        counts = torch.tensor(flags, dtype=torch.float32, device=pl_module.device)
+        all_reduce_sum_([counts])
+        flags = [v > 0 for v in counts.tolist()]
+    return iter(flags)
 
 
 def log_loader_metrics(

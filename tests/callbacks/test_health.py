@@ -167,3 +167,57 @@ def test_lidar_input_errors_say_what_is_expected(forward, match):
     trainer = make_trainer(callbacks=[LiDAR(model, "lidar", input="v")])
     with pytest.raises(RuntimeError, match=match):
         trainer.fit(model, dict_loader(), dict_loader(n=16, seed=1))
+
+
+def test_test_and_validate_with_source_val_log_on_their_own_rows():
+    model = make_module(optim=None)
+    rank = RankMe(model, "rankme", input="embedding", source="val")
+    alpha = AlphaReQ(model, "alpha", input="embedding", source="val", fit_range=(2, 12))
+    trainer = make_trainer(callbacks=[rank, alpha])
+    trainer.test(model, dict_loader(n=24, seed=2))
+    with torch.no_grad():
+        rows = model.backbone(make_xy(24, seed=2)[0]).double().numpy()
+    assert trainer.callback_metrics["test/rankme"].item() == pytest.approx(np_rankme(rows), rel=RTOL)
+    assert trainer.callback_metrics["test/alpha"].item() == pytest.approx(np_alpha_req(rows, (2, 12)), rel=RTOL)
+    assert "eval/rankme" not in trainer.callback_metrics
+    trainer = make_trainer(callbacks=[rank, alpha])
+    trainer.validate(model, dict_loader(n=16, seed=3))  # no fit before: validation rows need none
+    with torch.no_grad():
+        rows = model.backbone(make_xy(16, seed=3)[0]).double().numpy()
+    assert trainer.callback_metrics["eval/rankme"].item() == pytest.approx(np_rankme(rows), rel=RTOL)
+
+
+def test_source_train_without_training_warns_once_and_logs_nothing():
+    model = make_module(optim=None)
+    rank = RankMe(model, "rankme", input="embedding")
+    lidar = LiDAR(model, "lidar", input="embedding")  # never reached: no training batch
+    trainer = make_trainer(callbacks=[rank, lidar])
+    with pytest.warns(UserWarning, match=r"RankMe\(name='rankme'\): 0 finite train rows .*or pass source='val'"):
+        trainer.validate(model, dict_loader(n=16, seed=1))
+    assert not {"eval/rankme", "eval/lidar"} & set(trainer.callback_metrics)
+
+
+def test_test_with_source_train_says_why_nothing_is_logged():
+    model = make_module(optim=None)
+    rank = RankMe(model, "rankme", input="embedding", queue_size=32)
+    trainer = make_trainer(callbacks=[rank])
+    trainer.fit(model, dict_loader(), dict_loader(n=16, seed=1))
+    logged = trainer.callback_metrics["eval/rankme"].item()
+    with pytest.warns(UserWarning, match=r"test/rankme is not logged: .*source='train'.*Pass source='val'"):
+        trainer.test(model, dict_loader(n=16, seed=2))
+    assert "test/rankme" not in trainer.callback_metrics
+    trainer.validate(model, dict_loader(n=16, seed=1))  # after fit: the training rows are still stored
+    assert trainer.callback_metrics["eval/rankme"].item() == pytest.approx(logged, rel=RTOL)
+
+
+def test_row_store_keeps_row_shapes_and_starts_empty_on_the_given_device():
+    store = RowStore()
+    store.want(4)
+    assert store.local("meta").device.type == "meta" and store.local().numel() == 0
+    views = torch.arange(24.0).view(3, 2, 4)
+    views[1, 1, 2] = math.nan
+    store.push(views)
+    assert store.local().shape == (2, 2, 4)
+    assert torch.equal(store.local(), views[[0, 2]])
+    store.begin()
+    assert torch.equal(store.recent(1), views[[2]])

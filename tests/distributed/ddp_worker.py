@@ -303,25 +303,58 @@ def scenario_layer(args):
 class EveryRankLogged(Callback):
     """At the end of each validation, every rank's logged eval/ values, gathered while the training runs."""
 
-    keys = ("eval/alpha", "eval/lidar", "eval/rankme", "eval/rankme_val")
+    keys = ("eval/alpha", "eval/lidar", "eval/rankme", "eval/rankme_val", "eval/knn_top1")
 
     def __init__(self) -> None:
         self.per_rank: list[dict[str, float]] = []
+        self.validations = 0
 
     def on_validation_end(self, trainer, pl_module):
+        self.validations += 1
         values = torch.tensor([float(trainer.callback_metrics.get(k, float("nan"))) for k in self.keys])
         gathered = [torch.zeros_like(values) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, values)
-        self.per_rank = [dict(zip(self.keys, g.tolist())) for g in gathered]
+        self.per_rank = [{k: v for k, v in zip(self.keys, g.tolist()) if v == v} for g in gathered]  # logged ones
 
 
 def scenario_health(args):
     """RankMe, AlphaReQ and LiDAR on 2 processes: the values every rank logs, gathered to rank 0."""
     model = build_module(trainable=True)
     logged = EveryRankLogged()
-    t = trainer(args.accelerator, [*health_callbacks(model), logged], max_epochs=1)
+    mark = Mark()
+    tally = Tally(mark)
+    t = trainer(args.accelerator, [mark, *health_callbacks(model), tally, logged], max_epochs=1)
     t.fit(model, datamodule=ShardedData())
-    return {"per_rank": logged.per_rank, "world_size": t.world_size}
+    return {"per_rank": logged.per_rank, "world_size": t.world_size, "per_step": tally.per_step}
+
+
+class RankZeroOnly(torch.utils.data.IterableDataset):
+    """The whole validation set on rank 0 and nothing on the others (an unsized set smaller than the world)."""
+
+    def __init__(self, n: int) -> None:
+        self.x, self.y = make_xy(n, seed=1)
+
+    def __iter__(self):
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            for x, y in zip(self.x, self.y):
+                yield {"x": x, "label": y}
+
+
+class ValOnRankZero(ShardedData):
+    """Training batches sharded as ShardedData's; the validation set on rank 0 only, in batches of 8."""
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(RankZeroOnly(self.n_val), batch_size=8)
+
+
+def scenario_health_empty_rank(args):
+    """The health callbacks and a kNN when rank 1 has no validation row: the run ends, every rank logs the same."""
+    model = build_module(trainable=True)
+    logged = EveryRankLogged()
+    knn = OnlineKNN(model, "knn", "embedding", "label", k=5, temperature=0.1, num_classes=NUM_CLASSES)
+    t = trainer(args.accelerator, [*health_callbacks(model), knn, logged], max_epochs=2)
+    t.fit(model, datamodule=ValOnRankZero())
+    return {"per_rank": logged.per_rank, "world_size": t.world_size, "validations": logged.validations}
 
 
 def main():
@@ -341,6 +374,7 @@ def main():
     scenarios["freeze"] = scenario_freeze
     scenarios["layer"] = scenario_layer
     scenarios["health"] = scenario_health
+    scenarios["health_empty_rank"] = scenario_health_empty_rank
     result = scenarios[args.scenario](args)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(result, args.out)

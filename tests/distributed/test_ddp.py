@@ -298,6 +298,7 @@ def test_a_layer_input_under_ddp_trains_as_the_returned_embedding(tmp_path):
 def test_health_under_ddp_equals_one_process_holding_the_whole_batch(tmp_path):
     result = run_worker("health", tmp_path / "health.pt")
     assert result["world_size"] == 2
+    assert result["per_step"] == [0] * 6  # a training step only appends rows: no collective
     first, second = result["per_rank"]
     assert first == second  # every rank logs the same value (EarlyStopping/ModelCheckpoint may monitor it)
     assert set(first) == {"eval/rankme", "eval/alpha", "eval/rankme_val", "eval/lidar"}
@@ -305,5 +306,23 @@ def test_health_under_ddp_equals_one_process_holding_the_whole_batch(tmp_path):
     trainer = make_trainer(callbacks=health_callbacks(model))
     trainer.fit(model, loader(48, batch_size=8), loader(24, batch_size=8, seed=1))
     # Each rank keeps 32 // 2 of its rows for RankMe: the newest 32 samples in all, as one process with queue 32.
+    for key, value in first.items():
+        assert value == pytest.approx(trainer.callback_metrics[key].item(), rel=1e-4), key
+
+
+def test_health_and_knn_when_one_rank_has_no_validation_row(tmp_path):
+    # Rank 0 holds the whole validation set and rank 1 none (an unsized set smaller than the world): every
+    # gather and metric reduction still meets on both ranks, and both log what one process would.
+    from sslprobe.callbacks import OnlineKNN
+
+    result = run_worker("health_empty_rank", tmp_path / "empty.pt")
+    assert result["world_size"] == 2 and result["validations"] == 2
+    first, second = result["per_rank"]
+    assert first == second
+    model = build_module(trainable=True)
+    knn = OnlineKNN(model, "knn", "embedding", "label", k=5, temperature=0.1, num_classes=NUM_CLASSES)
+    trainer = make_trainer(callbacks=[*health_callbacks(model), knn], max_epochs=2)
+    trainer.fit(model, loader(48, batch_size=8), loader(24, batch_size=8, seed=1))
+    assert set(first) == {"eval/rankme", "eval/alpha", "eval/rankme_val", "eval/lidar", "eval/knn_top1"}
     for key, value in first.items():
         assert value == pytest.approx(trainer.callback_metrics[key].item(), rel=1e-4), key

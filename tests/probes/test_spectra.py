@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sslprobe.probes.spectra import alpha_req, lidar, rankme
+from sslprobe.probes.spectra import _gram, _helmert, alpha_req, lidar, rankme
 
 RTOL = 1e-4
 
@@ -127,3 +127,30 @@ def test_rows_must_be_a_matrix():
         rankme(randn(3, 4, 5))
     with pytest.raises(ValueError, match="at least 2 rows"):
         rankme(randn(1, 4))
+
+
+@pytest.mark.parametrize(("n", "d"), [(700, 600), (40, 520), (30, 256)])
+def test_the_blocked_gram_matrix_equals_one_matmul(n, d):
+    x = randn(n, d).double()
+    torch.testing.assert_close(_gram(x), x.T @ x, rtol=1e-12, atol=1e-9)
+    assert torch.equal(_gram(x), _gram(x).T)  # mirrored exactly
+
+
+@pytest.mark.parametrize("q", [2, 3, 5])
+def test_helmert_contrasts_give_the_scatter_around_the_mean(q):
+    h = _helmert(q, torch.zeros((), dtype=torch.float64))
+    torch.testing.assert_close(h.T @ h, torch.eye(q, dtype=torch.float64) - 1.0 / q)
+    torch.testing.assert_close(h @ h.T, torch.eye(q - 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("n", "q", "d"), [(300, 2, 280), (100, 3, 280)])
+def test_lidar_matches_numpy_with_blocked_gram_matrices(n, q, d):
+    views = randn(n, 1, d) + 0.5 * randn(n, q, d, seed=1)
+    assert float(lidar(views)) == pytest.approx(np_lidar(views.numpy()), rel=RTOL)
+
+
+def test_alpha_req_leaves_float64_rows_unchanged():
+    rows = randn(300, 40).double() + 3.0
+    before = rows.clone()
+    alpha_req(rows, (0, 30))
+    assert torch.equal(rows, before)

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from sslprobe._batch import MISSING, Locator, check_locator, features_of, locate
-from sslprobe._distributed import all_gather_cat, world_size
+from sslprobe._distributed import all_gather_rows, world_size
+from sslprobe._metrics import STAGE_PREFIX
 from sslprobe.callbacks.base import check_module, check_name, check_name_free, ensure_containers
 from sslprobe.callbacks.evaluation import EvaluationCallback
 from sslprobe.probes.spectra import _check_fit_range, alpha_req, lidar, rankme
@@ -30,20 +31,21 @@ class RowStore:
     """A ring buffer of the most recent finite rows of one input, on the device, shared by the callbacks reading it.
 
     Every health callback reading the same ``input`` of the same module pushes into one store (the first to see a
-    batch pushes it; the others see the same batch token and skip it). The store holds ``queue_size`` rows in total
-    across processes, the largest that its readers asked for: ``queue_size // world_size`` per process. Pushing is
-    device work only (no host sync): rows with a non-finite value are masked out on the device. At a validation the
-    rows of every process are gathered once (:meth:`recent` caches them until the next push), and each reader takes
-    its most recent ``queue_size // world_size`` rows of each process.
+    batch pushes it; the others see the same batch token and skip it). A row is one sample's features, of any shape
+    (``(D,)``, or ``(q, D)`` for LiDAR's views). The store holds ``queue_size`` rows in total across processes, the
+    largest that its readers asked for: ``queue_size // world_size`` per process. Pushing is device work only (no
+    host sync): rows with a non-finite value are masked out on the device. At each evaluation the rows of every
+    process are gathered once (:meth:`begin` forgets the previous gather, the first :meth:`recent` gathers, the
+    other readers reuse it), and each reader takes its most recent ``queue_size // world_size`` rows of each
+    process. A process that holds no row still joins the gather (an empty store), so none waits for it.
     """
 
     def __init__(self) -> None:
         self.queue_size = 0
-        self._rows: Tensor | None = None  # (capacity, W)
+        self._rows: Tensor | None = None  # (capacity, *S)
         self._ptr = torch.zeros((), dtype=torch.long)  # next slot to write
         self._filled = torch.zeros((), dtype=torch.long)  # rows written, at most the capacity
         self._token: Hashable = None  # the batch pushed last
-        self.row_shape: tuple[int, ...] = ()  # the shape of one sample's row before flattening (LiDAR: (q, D))
         self._gathered: tuple[Tensor, list[int]] | None = None  # every process's rows and their counts
 
     def want(self, queue_size: int) -> None:
@@ -58,18 +60,17 @@ class RowStore:
         return True
 
     def push(self, rows: Tensor) -> None:
-        """Append ``rows`` ``(B, W)``: their finite ones, in order."""
-        self._gathered = None
+        """Append ``rows`` ``(B, *S)``: their finite ones, in order."""
         n = rows.shape[0]
         if n == 0:
             return
         capacity = max(self.queue_size // world_size(), 1)
         current = self._rows
-        if current is None or current.shape != (capacity, rows.shape[1]) or current.device != rows.device:
-            self._rows = torch.zeros((capacity, rows.shape[1]), dtype=torch.float32, device=rows.device)
+        if current is None or current.shape != (capacity, *rows.shape[1:]) or current.device != rows.device:
+            self._rows = torch.zeros((capacity, *rows.shape[1:]), dtype=torch.float32, device=rows.device)
             self._ptr = torch.zeros((), dtype=torch.long, device=rows.device)
             self._filled = torch.zeros((), dtype=torch.long, device=rows.device)
-        finite = torch.isfinite(rows).all(dim=1)  # (n,)
+        finite = torch.isfinite(rows).reshape(n, -1).all(dim=1)  # (n,)
         if n > capacity:  # only the newest `capacity` rows could stay
             rows, finite, n = rows[-capacity:], finite[-capacity:], capacity
         # The finite rows, in batch order, go to the next `count` slots; the other slots of the window of n are
@@ -78,25 +79,31 @@ class RowStore:
         order = torch.argsort(finite.logical_not().to(torch.uint8), stable=True)  # (n,): finite rows first
         slots = torch.arange(n, device=rows.device)  # (n,)
         dest = (self._ptr + slots) % capacity  # (n,)
-        new = torch.where((slots < count)[:, None], rows[order].to(torch.float32), self._rows[dest])  # (n, W)
+        keep = (slots < count).reshape(n, *([1] * (rows.ndim - 1)))  # (n, 1, ...)
+        new = torch.where(keep, rows[order].to(torch.float32), self._rows[dest])  # (n, *S)
         self._rows.index_copy_(0, dest, new)
         self._ptr = (self._ptr + count) % capacity
         self._filled = (self._filled + count).clamp_max(capacity)
 
-    def local(self) -> Tensor:
-        """This process's rows, oldest first (one host sync)."""
+    def local(self, device: torch.device | str | None = None) -> Tensor:
+        """This process's rows, oldest first (one host sync), on ``device`` (default: where they are)."""
         if self._rows is None:
-            return torch.zeros((0, 0))
+            return torch.zeros(0, device=device)  # the row shape is not known yet
         filled, ptr = torch.stack([self._filled, self._ptr]).tolist()
         idx = torch.arange(ptr - filled, ptr, device=self._rows.device) % self._rows.shape[0]
-        return self._rows[idx]
+        return self._rows[idx].to(device) if device is not None else self._rows[idx]
 
-    def recent(self, queue_size: int) -> Tensor:
-        """The most recent ``queue_size // world_size`` rows of every process, in rank order (gathered once)."""
+    def begin(self) -> None:
+        """Start an evaluation: the next :meth:`recent` gathers the rows again (every reader calls it at its start)."""
+        self._gathered = None
+
+    def recent(self, queue_size: int, device: torch.device | str | None = None) -> Tensor:
+        """The most recent ``queue_size // world_size`` rows of every process, in rank order (gathered once).
+
+        Every process must call it at the same point (it gathers, on ``device``: the module's).
+        """
         if self._gathered is None:
-            rows = self.local()
-            counts = all_gather_cat(torch.tensor([rows.shape[0]], device=rows.device))
-            self._gathered = (all_gather_cat(rows), counts.tolist())
+            self._gathered = all_gather_rows(self.local(device))  # the one gather of this evaluation
         rows, counts = self._gathered
         keep = max(queue_size // world_size(), 1)
         parts, start = [], 0
@@ -122,6 +129,7 @@ class _HealthCallback(EvaluationCallback):
 
     _kind = "rows"  # the kind of rows stored (a store is shared by callbacks reading the same kind of one input)
     _minimum = 2  # the fewest rows the number needs
+    _sources = True  # whether it takes source= (LiDAR reads training rows only)
     _store: RowStore | None
 
     def __init__(self, module: pl.LightningModule | None, name: str | None, input: Locator | None) -> None:
@@ -180,11 +188,11 @@ class _HealthCallback(EvaluationCallback):
         callbacks_metrics[self.name] = nn.ModuleDict()
 
     def compute(self, rows: Tensor) -> Tensor:
-        """The number, from rows ``(N, W)`` gathered from every process."""
+        """The number, from rows ``(N, *S)`` gathered from every process."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute().")
 
     def rows_of(self, outputs: Any, batch: Any) -> Tensor:
-        """A batch's rows ``(B, W)``, detached."""
+        """A batch's rows ``(B, D)``, detached (other shapes flattened)."""
         features = features_of(self.input, outputs, batch, self._owner)
         return features.detach().reshape(features.shape[0], -1)
 
@@ -207,40 +215,57 @@ class _HealthCallback(EvaluationCallback):
 
     def _start_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
         self._val_rows = []
+        if self._store is not None:
+            self._store.begin()  # every reader calls it before any reader's _log gathers
 
     def _evaluate(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
-        if self.source == "val" and split == "val":
+        if self.source == "val":
             self._val_rows.append(self.rows_of(outputs, batch).float())
 
     def _log(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
-        if split != "val" or skip:
+        # Every decision before the gather depends on the configuration and the hook only, never on this process's
+        # rows, so that every process joins the gather (or none does).
+        key = f"{STAGE_PREFIX[split]}/{self.name}"
+        if skip:
             self._val_rows = []
             return
+        if self.source == "train" and split == "test":
+            fix = "Pass source='val' to compute it on the test rows." if type(self)._sources else ""
+            self._warn_once(
+                "test",
+                f"{self._owner}: {key} is not logged: this callback reads the recent training rows (source='train'), "
+                f"which say nothing of the test set; eval/{self.name} is logged at each validation. {fix}".rstrip(),
+            )
+            return
         if self.source == "val":
-            local = torch.cat(self._val_rows) if self._val_rows else torch.zeros((0, 0), device=pl_module.device)
+            local = torch.cat(self._val_rows) if self._val_rows else torch.zeros(0, device=pl_module.device)
             self._val_rows = []
-            local = local[torch.isfinite(local).all(dim=1)] if local.numel() else local
-            rows = all_gather_cat(local)  # one collective per validation
+            if local.numel():
+                local = local[torch.isfinite(local).reshape(local.shape[0], -1).all(dim=1)]
+            rows, _ = all_gather_rows(local)  # the one gather of this evaluation
         else:
             assert self._store is not None
-            rows = self._store.recent(self.queue_size)
+            rows = self._store.recent(self.queue_size, pl_module.device)
         if rows.shape[0] < self._minimum:
+            if self.source == "train":
+                fix = "Validate after some training steps" + (
+                    ", or pass source='val' to compute on the validation rows." if type(self)._sources else "."
+                )
+            else:
+                fix = f"Use more {'validation' if split == 'val' else 'test'} samples."
             self._warn_once(
                 "few",
                 f"{self._owner}: {rows.shape[0]} finite {self.source} rows are stored, fewer than the "
-                f"{self._minimum} needed; eval/{self.name} is not logged this time. "
-                + ("Validate after some training steps." if self.source == "train" else "Use more validation samples."),
+                f"{self._minimum} needed; {key} is not logged this time. {fix}",
             )
             return
         try:
             value = self.compute(rows)
         except ValueError as error:
-            self._warn_once("value", f"{self._owner}: eval/{self.name} is not logged: {error}")
+            self._warn_once("value", f"{self._owner}: {key} is not logged: {error}")
             return
         # Every process computes the same value from the same gathered rows: no reduction is needed.
-        pl_module.log(
-            f"eval/{self.name}", value.float(), on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False
-        )
+        pl_module.log(key, value.float(), on_step=False, on_epoch=True, sync_dist=False, add_dataloader_idx=False)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -253,8 +278,10 @@ class RankMe(_HealthCallback):
 
     ``s`` are the singular values of the uncentred matrix of the last ``queue_size`` training rows (over every
     process), or of that validation's rows with ``source="val"``. Logged as ``eval/{name}`` at each validation
-    (never in the sanity check), the same value on every process. A collapsed embedding reads close to 1; higher is
-    a richer embedding (Garrido et al. 2023). See :func:`sslprobe.probes.spectra.rankme`.
+    (never in the sanity check), the same value on every process; with ``source="val"``, ``trainer.test`` logs
+    ``test/{name}`` on the test rows (with ``source="train"`` it logs nothing and says why once). A collapsed
+    embedding reads close to 1; higher is a richer embedding (Garrido et al. 2023). See
+    :func:`sslprobe.probes.spectra.rankme`.
 
     - [0] Garrido et al., 2023, https://arxiv.org/abs/2210.02885
 
@@ -386,6 +413,7 @@ class LiDAR(_HealthCallback):
     """
 
     _kind = "views"
+    _sources = False
 
     def __init__(
         self,
@@ -403,7 +431,7 @@ class LiDAR(_HealthCallback):
         self._finish_init(module, queue_size, "train")
 
     def rows_of(self, outputs: Any, batch: Any) -> Tensor:
-        """A batch's views as rows ``(B, q * D)``: sample ``i``'s views side by side."""
+        """A batch's views ``(B, q, D)``: one row per sample, its ``q`` views."""
         value = locate(self.input, [outputs, batch], outputs, batch)
         if isinstance(value, (list, tuple)):
             if len(value) < 2 or not all(isinstance(v, Tensor) for v in value):
@@ -427,11 +455,8 @@ class LiDAR(_HealthCallback):
                     "tensor or a list/tuple of q tensors (B, D). A single view (B, D) has no within-sample spread."
                 )
             views = views.detach()
-        if self._store is not None:
-            self._store.row_shape = tuple(views.shape[1:])
-        return views.reshape(views.shape[0], -1)
+        return views  # (B, q, D)
 
     def compute(self, rows: Tensor) -> Tensor:
-        """LiDAR of the stored samples ``(n, q * D)``."""
-        assert self._store is not None
-        return lidar(rows.reshape(rows.shape[0], *self._store.row_shape), self.delta, self.eps)
+        """LiDAR of the stored samples' views ``(n, q, D)``."""
+        return lidar(rows, self.delta, self.eps)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from sslprobe._batch import Locator, check_locator, features_of, target_of
-from sslprobe._distributed import all_gather_cat, all_reduce_sum, world_size
+from sslprobe._distributed import all_gather_rows, all_reduce_sum, world_size
 from sslprobe._metrics import (
     STAGE_KEY,
     STAGE_PREFIX,
@@ -293,9 +293,15 @@ class OnlineKNN(EvaluationCallback):
         self._eval_bank = None
         self._eval_nonfinite = None
         if self._features is None:
-            return  # nothing trained yet: an empty bank has no neighbours
-        features, labels = self._recent()
-        features, labels = all_gather_cat(features), all_gather_cat(labels)  # once per evaluation
+            if world_size() == 1:
+                return  # nothing trained yet: an empty bank has no neighbours
+            # Under DDP every process joins the gather, also one that holds no bank (it takes the others' rows).
+            features = labels = torch.zeros(0, device=pl_module.device)
+        else:
+            features, labels = self._recent()
+        (features, _), (labels, _) = all_gather_rows(features), all_gather_rows(labels)  # once per evaluation
+        if labels.numel() == 0 and self._features is None:
+            return  # no process has trained yet
         if labels.numel() == 0:
             if "empty" not in self._warned:
                 self._warned.add("empty")
