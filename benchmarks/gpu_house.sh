@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17 + 24 (fifth session): the CUDA tests, then the probes' cost with the one-step refactor ("after") beside the
 # code before it ("before", a copy of its src/ under bench_old/src, carried), and peak memory.
-# Usage: bash benchmarks/gpu_house.sh PART   (PART: r50 | r18 | mixed | costs)
+# Usage: bash benchmarks/gpu_house.sh PART   (PART: r50 | r18 | mixed | costs | final)
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -38,5 +38,14 @@ costs)
     PYTHONPATH=$NEW timeout 120 python3 benchmarks/memory.py --configs none,eager-8,module-8 --breakdown 2>&1 | grep -v "$F"
     PYTHONPATH=$NEW timeout 150 python3 benchmarks/profile_kernels.py --backbone vit_b_16 --configs module-1,cls-1,attn-floor,attn-1 --top 30 2>&1 | grep -v "$F"
     PYTHONPATH=$NEW timeout 250 python3 benchmarks/overhead.py --device cuda --backbone vit_b_16 --rounds 5 --steps 100 --configs none,module-1,cls-1,attn-floor,attn-1 --json "$OUT/vit_b_16_costs.json" 2>&1 | grep -v "$F"
+    ;;
+final)
+    # The closing run of the session: the CUDA tests, one health computation of each kind, and the probes' cost on
+    # ResNet-50 and ResNet-18 with everything of this session in place.
+    PYTHONPATH=$NEW timeout 120 python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_cuda.py 2>&1 | tail -3
+    PYTHONPATH=$NEW timeout 150 python3 benchmarks/health_time.py --device cuda 2>&1 | grep -v "$F"
+    C=none,floor-1,floor-8,module-1,module-8,probe-8,sweep-16
+    PYTHONPATH=$NEW timeout 150 python3 benchmarks/overhead.py --device cuda --backbone resnet50 --rounds 3 --configs $C --json "$OUT/r50_final.json" 2>&1 | grep -v "$F"
+    PYTHONPATH=$NEW timeout 120 python3 benchmarks/overhead.py --device cuda --backbone resnet18 --rounds 3 --steps 100 --configs $C --json "$OUT/r18_final.json" 2>&1 | grep -v "$F"
     ;;
 esac
