@@ -245,10 +245,10 @@ class TrainableCallback(Callback):
             # Catch an instance over other parameters now rather than at the first batch.
             create_optimizer(self.optimizer, built.parameters(), owner=self._owner)
         callbacks_modules[self.name] = built
-        self._register(module)
+        self.register_metrics(module)
 
-    def _register(self, module: nn.Module) -> None:
-        """What a subclass keeps in ``module`` beside the trainable module (``OnlineProbe``: its metrics)."""
+    def register_metrics(self, module: nn.Module) -> None:
+        """Register what a subclass keeps in ``module`` beside the trainable module (``OnlineProbe``: its metrics)."""
 
     @staticmethod
     def _check_optimizer_forms(optimizer: Any, scheduler: Any, owner: str) -> None:

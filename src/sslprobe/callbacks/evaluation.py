@@ -22,11 +22,11 @@ class EvaluationCallback(LayerReader, EvaluationHooks):
     statistics. This base holds their shared life; a subclass sets ``name``, ``_owner`` and ``_binds_at_setup`` in
     its ``__init__`` and writes what differs, as verb-named steps:
 
-    - ``_bind(module)``: register its metrics in ``module.callbacks_metrics[name]`` (at construction, or at setup when
-      built with ``module=None``);
-    - ``_start_eval(trainer, pl_module, split)``: at the start of each validation and test (gather, fit);
-    - ``_evaluate(pl_module, outputs, batch, split, loader)``: each evaluation batch (never in the sanity check);
-    - ``_log(pl_module, split, skip)``: at the end of each validation and test (``skip`` in the sanity check).
+    - ``register_metrics(module)``: register its metrics in ``module.callbacks_metrics[name]`` (at construction, or at
+      setup when built with ``module=None``);
+    - ``prepare_evaluation(trainer, pl_module, split)``: at the start of each validation and test (gather, fit);
+    - ``score_batch(pl_module, outputs, batch, split, loader)``: each evaluation batch (never in the sanity check);
+    - ``log_evaluation(pl_module, split, skip)``: at the end of each validation and test (``skip`` in the sanity check).
     """
 
     name: str
@@ -39,30 +39,30 @@ class EvaluationCallback(LayerReader, EvaluationHooks):
     def state_key(self) -> str:
         return cached_state_key(self)
 
-    def _bind(self, module: nn.Module) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement _bind().")
+    def register_metrics(self, module: nn.Module) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement register_metrics().")
 
-    def _start_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement _start_eval().")
+    def prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement prepare_evaluation().")
 
-    def _evaluate(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement _evaluate().")
+    def score_batch(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement score_batch().")
 
-    def _log(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must implement _log().")
+    def log_evaluation(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement log_evaluation().")
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Bind to the Trainer's module if not yet; start a new run (each warning is given once per run)."""
         if self._binds_at_setup and not is_bound(self.name, pl_module):
-            self._bind(pl_module)
+            self.register_metrics(pl_module)
             self._attach_layer(pl_module)
         self._warned = set()
 
     @override
     def start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
         """Prepare this validation or test (one collective at most)."""
-        self._start_eval(trainer, pl_module, split)
+        self.prepare_evaluation(trainer, pl_module, split)
 
     @override
     def evaluate_batch(
@@ -70,9 +70,9 @@ class EvaluationCallback(LayerReader, EvaluationHooks):
     ) -> None:
         """Score the batch and update that loader's metrics (not in the sanity check, not in predict)."""
         if split != "predict" and not trainer.sanity_checking:
-            self._evaluate(pl_module, outputs, batch, split, loader)
+            self.score_batch(pl_module, outputs, batch, split, loader)
 
     @override
     def end_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
         """Log ``eval/{name}_{metric}`` or ``test/...``, per loader when there are several (not in the sanity check)."""
-        self._log(pl_module, split, skip=trainer.sanity_checking)
+        self.log_evaluation(pl_module, split, skip=trainer.sanity_checking)

@@ -146,7 +146,7 @@ class _HealthCallback(EvaluationCallback):
         self._val_rows: list[Tensor] = []
         self._warned = set()
         if module is not None:
-            self._bind(module)
+            self.register_metrics(module)
             self._attach_layer(module)
 
     def _check_queue_size(self, queue_size: Any, example: int) -> None:
@@ -181,7 +181,7 @@ class _HealthCallback(EvaluationCallback):
             )
         return source
 
-    def _bind(self, module: nn.Module) -> None:
+    def register_metrics(self, module: nn.Module) -> None:
         """Reserve ``name`` in ``module.callbacks_metrics`` (an empty entry: the number is computed, not tracked)."""
         _, callbacks_metrics = ensure_containers(module, self._owner)
         check_name_free(self.name, module, self._owner)
@@ -213,16 +213,16 @@ class _HealthCallback(EvaluationCallback):
         if self._store is not None and self._store.claims(token):  # the first reader of this batch pushes it
             self._store.push(self.rows_of(outputs, batch))
 
-    def _start_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+    def prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
         self._val_rows = []
         if self._store is not None:
-            self._store.begin()  # every reader calls it before any reader's _log gathers
+            self._store.begin()  # every reader calls it before any reader's log_evaluation gathers
 
-    def _evaluate(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
+    def score_batch(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
         if self.source == "val":
             self._val_rows.append(self.rows_of(outputs, batch).float())
 
-    def _log(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
+    def log_evaluation(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
         # Every decision before the gather depends on the configuration and the hook only, never on this process's
         # rows, so that every process joins the gather (or none does).
         key = f"{STAGE_PREFIX[split]}/{self.name}"

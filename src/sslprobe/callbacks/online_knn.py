@@ -185,7 +185,7 @@ class OnlineKNN(EvaluationCallback):
         self._eval_nonfinite: Tensor | None = None  # (), this evaluation's samples with non-finite features
         self._warned: set[str] = set()  # the once-per-run warnings given in this fit / validate / test
         if module is not None:
-            self._bind(module)
+            self.register_metrics(module)
             self._attach_layer(module)
 
     @property
@@ -200,7 +200,7 @@ class OnlineKNN(EvaluationCallback):
         per_epoch = last or this
         return (min(filled, per_epoch) if per_epoch else filled), ptr
 
-    def _bind(self, module: nn.Module) -> None:
+    def register_metrics(self, module: nn.Module) -> None:
         """Register this kNN's metrics in ``module.callbacks_metrics[name]``."""
         _, callbacks_metrics = ensure_containers(module, self._owner)
         check_name_free(self.name, module, self._owner)
@@ -289,7 +289,7 @@ class OnlineKNN(EvaluationCallback):
 
     # ------------------------------------------------------------------ evaluation
 
-    def _start_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+    def prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
         self._eval_bank = None
         self._eval_nonfinite = None
         if self._features is None:
@@ -342,7 +342,7 @@ class OnlineKNN(EvaluationCallback):
                 best = (key, width)
         return best
 
-    def _evaluate(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
+    def score_batch(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
         bank = self._eval_bank
         if bank is None:
             return  # nothing trained yet: an empty bank has no neighbours
@@ -379,7 +379,7 @@ class OnlineKNN(EvaluationCallback):
         for metric in loader_metrics(pl_module.callbacks_metrics[self.name], split, loader).values():
             metric.update(scores, labels)
 
-    def _log(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
+    def log_evaluation(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
         self._eval_bank = None
         if self._eval_nonfinite is not None and not skip and split not in self._warned:
             self._warn_nonfinite(split, self._eval_nonfinite)

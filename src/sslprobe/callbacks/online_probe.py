@@ -134,7 +134,7 @@ class OnlineProbe(LayerReader, EvaluationHooks, TrainableCallback):
         )
 
     @override
-    def _register(self, module: nn.Module) -> None:
+    def register_metrics(self, module: nn.Module) -> None:
         _, callbacks_metrics = ensure_containers(module, self._owner)
         callbacks_metrics[self.name] = self.build_metrics(module.callbacks_modules[self.name])
         self._attach_layer(module)

@@ -190,7 +190,7 @@ class RefitProbe(EvaluationCallback):
         self._eval_nonfinite = None
         self._warned: set[str] = set()  # the once-per-run warnings given in this fit / validate / test
         if module is not None:
-            self._bind(module)
+            self.register_metrics(module)
             self._attach_layer(module)
 
     @staticmethod
@@ -230,7 +230,7 @@ class RefitProbe(EvaluationCallback):
         """This process's statistics of the training rows since the last fit."""
         return self._stats
 
-    def _bind(self, module: nn.Module) -> None:
+    def register_metrics(self, module: nn.Module) -> None:
         """Register this probe's metrics in ``module.callbacks_metrics[name]``."""
         _, callbacks_metrics = ensure_containers(module, self._owner)
         check_name_free(self.name, module, self._owner)
@@ -341,7 +341,7 @@ class RefitProbe(EvaluationCallback):
 
     # ------------------------------------------------------------------ evaluation
 
-    def _start_eval(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+    def prepare_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
         self._eval_fit = None
         self._eval_nonfinite = None
         self._eval_moments = None
@@ -357,7 +357,7 @@ class RefitProbe(EvaluationCallback):
             self._eval_fit = self._fit
             self._eval_nonfinite = torch.zeros((), dtype=torch.long, device=self._fit.weight.device)
 
-    def _evaluate(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
+    def score_batch(self, pl_module: pl.LightningModule, outputs: Any, batch: Any, split: str, loader: int) -> None:
         fit = self._eval_fit
         if fit is None:
             return  # no fit yet: nothing to evaluate
@@ -417,7 +417,7 @@ class RefitProbe(EvaluationCallback):
         bias_z = fit.bias + fit.mean.to(torch.float64) @ fit.weight
         return torch.addmm(bias_z, (rows - mean) / std, weight_z)
 
-    def _log(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
+    def log_evaluation(self, pl_module: pl.LightningModule, split: str, skip: bool) -> None:
         fit, self._eval_fit = self._eval_fit, None
         nonfinite, self._eval_nonfinite = self._eval_nonfinite, None
         if nonfinite is not None and not skip and split not in self._warned:
