@@ -112,7 +112,7 @@ def test_under_16_mixed_the_probe_runs_under_float16_autocast_with_its_own_loss_
     weight, dtypes, probe = fit_under_mixed(None, "16-mixed", accelerator="gpu")
     reference, reference_dtypes, reference_probe_ = fit_under_mixed("32", "16-mixed", accelerator="gpu")
     assert dtypes == {torch.float16} and reference_dtypes == {torch.float32}
-    assert probe.stepper._scaling and not reference_probe_.stepper._scaling  # float32 weights need no scale
+    assert probe.stepper.scaling and not reference_probe_.stepper.scaling  # float32 weights need no scale
     assert weight.dtype == torch.float32 and torch.isfinite(weight).all()
     assert not torch.equal(weight, reference)
     torch.testing.assert_close(weight, reference, rtol=0, atol=5e-2 * float(reference.abs().max()))
@@ -127,7 +127,7 @@ def test_16_true_probe_trains_with_its_own_loss_scale():
     trainer.fit(model, dict_loader(), dict_loader(n=24))
     weight = model.callbacks_modules["linear"].weight
     assert weight.dtype == torch.float16 and torch.isfinite(weight).all()
-    assert probe.stepper._scaling and probe.stepper.steps == 18
+    assert probe.stepper.scaling and probe.stepper.steps == 18
     assert trainer.callback_metrics["eval/linear_top1"] > 0.5
 
 

@@ -917,7 +917,7 @@ def test_float16_probe_on_cpu_trains_with_its_own_loss_scale():
         trainer.fit(model, dict_loader(), dict_loader(n=24))
     weight = model.callbacks_modules["p"].weight
     assert weight.dtype == torch.float16 and torch.isfinite(weight).all()
-    assert probe.stepper._scaling and trainer.callback_metrics["eval/p_top1"] > 0.5
+    assert probe.stepper.scaling and trainer.callback_metrics["eval/p_top1"] > 0.5
     skipped = [w for w in caught if "not finite" in str(w.message)]
     assert all("loss scale settling" in str(w.message) for w in skipped)
 

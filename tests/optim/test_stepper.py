@@ -159,7 +159,7 @@ def test_tensors_are_every_tensor_a_step_touches():
     state = [v for s in stepper.optimizer.state.values() for v in s.values()]
     assert {id(p) for p in lin.parameters()} <= held
     assert {id(t) for t in state} <= held  # moments and step counts
-    assert {id(stepper._scale), id(stepper._skipped)} <= held
+    assert {id(stepper.loss_scale), id(stepper._skipped)} <= held
 
 
 def test_to_moves_every_state_tensor_but_the_host_step_counts_of_torch_adam():
@@ -195,7 +195,7 @@ def test_a_float16_autocast_forward_gets_a_loss_scale_and_skips_an_overflow():
         loss = lin(torch.full((3, 4), 3e4)).float().pow(2).mean() * 1e3  # finite, but its scaled gradient is not
     assert torch.isfinite(loss)
     stepper.backward(loss)
-    assert int(stepper.skipped) == 1 and float(stepper._scale) == 2.0**15  # backed off, nothing changed
+    assert int(stepper.skipped) == 1 and float(stepper.loss_scale) == 2.0**15  # backed off, nothing changed
     assert all(torch.equal(p, b) for p, b in zip(lin.parameters(), before))
     with torch.autocast("cpu", dtype=torch.float16):
         loss = lin(torch.ones(3, 4)).float().pow(2).mean()

@@ -479,7 +479,7 @@ class TrainableCallback(Callback):
         """What the warning about ``skipped`` skipped batches says (once, at an epoch's end); a subclass adds why."""
         scaling = (
             " With a float16 probe or forward the first few are its own loss scale settling, which is expected."
-            if self._stepper is not None and self._stepper._scaling
+            if self._stepper is not None and self._stepper.scaling
             else ""
         )
         return (

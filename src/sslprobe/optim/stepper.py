@@ -124,6 +124,16 @@ class Stepper:
         return self._skipped
 
     @property
+    def scaling(self) -> bool:
+        """True when the loss gets a dynamic scale (float16 parameters, or ``scale_loss`` for a float16 forward)."""
+        return self._scaling
+
+    @property
+    def loss_scale(self) -> Tensor:
+        """The current loss scale (a 0-dim device tensor; 1.0 when not :attr:`scaling`)."""
+        return self._scale
+
+    @property
     def last_found(self) -> Tensor:
         """1.0 (a 0-dim device tensor) when the latest batch was not finite; the same tensor at every step."""
         return self._found
