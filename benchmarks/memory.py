@@ -30,6 +30,7 @@ def breakdown_lines() -> list[str]:
 
     groups: dict[tuple, list[int]] = {}
     blocks = []
+    sizes: dict[float, int] = {}  # the general pool's blocks of 0.5 MiB or more, by size
     for segment in torch.cuda.memory_snapshot():
         pool = "graph pool" if tuple(segment.get("segment_pool_id", (0, 0))) != (0, 0) else "general pool"
         key = (pool, segment["stream"])
@@ -37,6 +38,10 @@ def breakdown_lines() -> list[str]:
         groups.setdefault(key, [0, 0])
         groups[key][0] += used
         groups[key][1] += segment["total_size"]
+        for b in segment["blocks"]:
+            if key == ("general pool", 0) and b["state"] == "active_allocated" and b["size"] >= 2**19:
+                size = round(b["size"] / 2**20, 2)
+                sizes[size] = sizes.get(size, 0) + 1
         if key != ("general pool", 0):
             blocks += [
                 (b["size"], pool, segment["stream"]) for b in segment["blocks"] if b["state"] == "active_allocated"
@@ -48,6 +53,8 @@ def breakdown_lines() -> list[str]:
         )
     for size, pool, stream in sorted(blocks, reverse=True)[:8]:
         lines.append(f"    block {size / 2**20:7.2f} MiB ({pool}, stream {stream:#x})")
+    top = sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:12]
+    lines.append("  general pool, stream 0, blocks >= 0.5 MiB: " + ", ".join(f"{n} x {mib} MiB" for mib, n in top))
     return lines
 
 
