@@ -109,9 +109,9 @@ def test_16_mixed_probe_in_float32_is_exact_and_independent_of_the_main_loss_sca
 
 
 def test_under_16_mixed_the_probe_runs_under_float16_autocast_with_its_own_loss_scale():
-    weight, dtypes, probe = fit_under_mixed(None, "16-mixed", accelerator="gpu")
-    reference, reference_dtypes, reference_probe_ = fit_under_mixed("32", "16-mixed", accelerator="gpu")
-    assert dtypes == {torch.float16} and reference_dtypes == {torch.float32}
+    weight, autocasts, stored, probe = fit_under_mixed(None, "16-mixed", accelerator="gpu")
+    reference, reference_autocasts, _, reference_probe_ = fit_under_mixed("32", "16-mixed", accelerator="gpu")
+    assert autocasts == {torch.float16} and reference_autocasts == {None} and stored == {torch.float32}
     assert probe.stepper.scaling and not reference_probe_.stepper.scaling  # float32 weights need no scale
     assert weight.dtype == torch.float32 and torch.isfinite(weight).all()
     assert not torch.equal(weight, reference)

@@ -37,15 +37,46 @@ __all__ = [
 ]
 
 
-# torch's multi-tensor ("foreach") kernels, which torch.optim is built on: one launch for a list of tensors.
-foreach_add = torch._foreach_add
-foreach_add_ = torch._foreach_add_
-foreach_copy_ = torch._foreach_copy_
-foreach_div = torch._foreach_div
-foreach_mul = torch._foreach_mul
-foreach_mul_ = torch._foreach_mul_
-foreach_norm = torch._foreach_norm
-foreach_sub_ = torch._foreach_sub_
+# torch's multi-tensor ("foreach") kernels, which torch.optim is built on: one launch for a list of tensors. Each is
+# looked up when called, so that a rename in torch fails the call (and tests/test_internals.py), not `import sslprobe`.
+def foreach_add(tensors: list[Tensor], other: Any, **kwargs: Any) -> list[Tensor]:
+    """``[t + o for t, o in ...]`` (``other``: a list, a scalar or a tensor) in one kernel."""
+    return torch._foreach_add(tensors, other, **kwargs)
+
+
+def foreach_add_(tensors: list[Tensor], other: Any, **kwargs: Any) -> None:
+    """In place: ``t += o`` (``alpha=`` scales ``o``)."""
+    torch._foreach_add_(tensors, other, **kwargs)
+
+
+def foreach_copy_(tensors: list[Tensor], sources: list[Tensor]) -> None:
+    """In place: ``t.copy_(s)``."""
+    torch._foreach_copy_(tensors, sources)
+
+
+def foreach_div(tensors: list[Tensor], other: Any) -> list[Tensor]:
+    """``[t / o ...]``."""
+    return torch._foreach_div(tensors, other)
+
+
+def foreach_mul(tensors: list[Tensor], other: Any) -> list[Tensor]:
+    """``[t * o ...]``."""
+    return torch._foreach_mul(tensors, other)
+
+
+def foreach_mul_(tensors: list[Tensor], other: Any) -> None:
+    """In place: ``t *= o``."""
+    torch._foreach_mul_(tensors, other)
+
+
+def foreach_norm(tensors: list[Tensor], ord: float = 2) -> list[Tensor]:
+    """The norm of each tensor (0-dim tensors, no host sync)."""
+    return torch._foreach_norm(tensors, ord)
+
+
+def foreach_sub_(tensors: list[Tensor], other: Any, **kwargs: Any) -> None:
+    """In place: ``t -= o`` (``alpha=`` scales ``o``)."""
+    torch._foreach_sub_(tensors, other, **kwargs)
 
 
 def batch_norm_types() -> tuple[type, ...]:

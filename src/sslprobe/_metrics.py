@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -142,14 +142,25 @@ def _updated_anywhere(metrics: list[torch.nn.Module], pl_module: Any, skip: bool
 
 
 def log_loader_metrics(
-    pl_module: Any, container: torch.nn.ModuleDict, name: str, split: str, *, skip: bool = False, owner: str = ""
+    pl_module: Any,
+    container: torch.nn.ModuleDict,
+    name: str,
+    split: str,
+    *,
+    skip: bool = False,
+    owner: str = "",
+    log: Callable[[Any, str, int, str, dict[str, Any]], None] | None = None,
 ) -> None:
     """Log ``{prefix}/{name}_{metric}`` of every evaluated loader of ``split`` (once per epoch), then reset them all.
 
-    See :func:`computed_loader_metrics` for what is logged.
+    See :func:`computed_loader_metrics` for what is logged; ``log(pl_module, split, loader, suffix, values)``, where
+    given, logs each loader's values instead (a sweep logs its best head and every head).
     """
-    for _, suffix, values in computed_loader_metrics(pl_module, container, name, split, skip=skip, owner=owner):
-        log_split_values(pl_module, name, split, suffix, values)
+    for loader, suffix, values in computed_loader_metrics(pl_module, container, name, split, skip=skip, owner=owner):
+        if log is None:
+            log_split_values(pl_module, name, split, suffix, values)
+        else:
+            log(pl_module, split, loader, suffix, values)
 
 
 def log_split_values(pl_module: Any, name: str, split: str, suffix: str, values: Mapping[str, Any]) -> None:

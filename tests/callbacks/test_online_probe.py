@@ -923,7 +923,8 @@ def test_float16_probe_on_cpu_trains_with_its_own_loss_scale():
 
 
 def fit_under_mixed(precision, trainer_precision="bf16-mixed", **trainer_kw):
-    """A linear probe's weights after two epochs under a mixed-precision Trainer, and its logits' dtypes."""
+    """A linear probe's weights after two epochs under a mixed-precision Trainer, the autocast dtypes its forwards ran
+    under (``None``: none), the dtypes of its stored predictions, and the callback."""
     torch.manual_seed(0)
     model = make_module(optim={"type": "SGD", "lr": 0.05})
     probe = OnlineProbe(
@@ -935,21 +936,28 @@ def fit_under_mixed(precision, trainer_precision="bf16-mixed", **trainer_kw):
         optimizer="AdamW",
         precision=precision,
     )
-    dtypes = []
+    autocasts, stored = [], []
+
+    def record(module, args):
+        device = args[0].device.type
+        autocasts.append(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+
+    model.callbacks_modules["p"].register_forward_pre_hook(record)
 
     class Spy(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            dtypes.append(batch["p_preds"].dtype)
+            stored.append(batch["p_preds"].dtype)
 
     trainer = make_trainer(max_epochs=2, callbacks=[probe, Spy()], precision=trainer_precision, **trainer_kw)
     trainer.fit(model, dict_loader(), dict_loader(n=24))
-    return model.callbacks_modules["p"].weight.detach().clone(), set(dtypes), probe
+    return model.callbacks_modules["p"].weight.detach().clone(), set(autocasts), set(stored), probe
 
 
 def test_under_bf16_mixed_the_probe_runs_under_the_step_autocast_and_agrees_with_float32():
-    weight, dtypes, _ = fit_under_mixed(None)
-    reference, reference_dtypes, _ = fit_under_mixed("32")
-    assert dtypes == {torch.bfloat16} and reference_dtypes == {torch.float32}  # the forward's matmul precision
+    weight, autocasts, stored, _ = fit_under_mixed(None)
+    reference, reference_autocasts, reference_stored, _ = fit_under_mixed("32")
+    assert autocasts == {torch.bfloat16} and reference_autocasts == {None}  # the forward's (training and evaluation)
+    assert stored == reference_stored == {torch.float32}  # the logits read float32 (loss, metrics, stored)
     assert weight.dtype == reference.dtype == torch.float32  # float32 weights and update either way
     assert not torch.equal(weight, reference)
     torch.testing.assert_close(weight, reference, rtol=0, atol=2e-2 * float(reference.abs().max()))
@@ -959,3 +967,15 @@ def test_under_bf16_mixed_the_probe_runs_under_the_step_autocast_and_agrees_with
 def test_precision_argument_is_checked(value):
     with pytest.raises(ValueError, match="precision must be one of"):
         OnlineProbe(make_module(), "p", "embedding", "label", probe=nn.Linear(D_EMB, 3), precision=value)
+
+
+def test_a_second_fit_in_another_precision_gets_its_own_loss_scale():
+    model = make_module()
+    probe = OnlineProbe(model, "p", "embedding", "label", probe=nn.Linear(D_EMB, NUM_CLASSES), optimizer="AdamW")
+    make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+    stepper = probe.stepper
+    assert not stepper.scaling and float(stepper.loss_scale) == 1.0
+    probe.precision = "16-mixed"  # a float16 forward from now on (on a GPU: a 16-mixed Trainer)
+    make_trainer(max_epochs=2, callbacks=[probe]).fit(model, dict_loader())
+    assert probe.stepper is stepper and stepper.scaling  # the same optimizer state, now with a loss scale
+    assert 1.0 < float(stepper.loss_scale) <= 2.0**16 and torch.isfinite(model.callbacks_modules["p"].weight).all()

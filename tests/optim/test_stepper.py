@@ -201,3 +201,17 @@ def test_a_float16_autocast_forward_gets_a_loss_scale_and_skips_an_overflow():
         loss = lin(torch.ones(3, 4)).float().pow(2).mean()
     stepper.backward(loss)
     assert int(stepper.skipped) == 1 and not torch.equal(lin.weight, before[0])
+
+
+def test_use_loss_scale_switches_the_scale_on_and_off_but_never_for_float16_parameters():
+    weight = torch.nn.Parameter(torch.ones(3))
+    stepper = Stepper([weight], torch.optim.SGD([weight], lr=0.1))
+    assert not stepper.scaling and float(stepper.loss_scale) == 1.0
+    stepper.use_loss_scale(True)
+    assert stepper.scaling and float(stepper.loss_scale) == 2.0**16
+    stepper.use_loss_scale(False)
+    assert not stepper.scaling and float(stepper.loss_scale) == 1.0
+    half = torch.nn.Parameter(torch.ones(3, dtype=torch.float16))
+    half_stepper = Stepper([half], torch.optim.SGD([half], lr=0.1))
+    half_stepper.use_loss_scale(False)
+    assert half_stepper.scaling  # float16 parameters always keep theirs

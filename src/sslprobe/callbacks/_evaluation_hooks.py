@@ -41,10 +41,12 @@ class EvaluationHooks(Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start a validation: :meth:`start_evaluation` with ``split="val"``."""
         self.start_evaluation(trainer, pl_module, "val")
 
     @override
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start a test: :meth:`start_evaluation` with ``split="test"``."""
         self.start_evaluation(trainer, pl_module, "test")
 
     @override
@@ -57,6 +59,7 @@ class EvaluationHooks(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        """One validation batch: :meth:`evaluate_batch` with ``split="val"`` and its loader."""
         self.evaluate_batch(trainer, pl_module, outputs, batch, "val", dataloader_idx)
 
     @override
@@ -69,6 +72,7 @@ class EvaluationHooks(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        """One test batch: :meth:`evaluate_batch` with ``split="test"`` and its loader."""
         self.evaluate_batch(trainer, pl_module, outputs, batch, "test", dataloader_idx)
 
     @override
@@ -81,12 +85,15 @@ class EvaluationHooks(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        """One predict batch: :meth:`evaluate_batch` with ``split="predict"``."""
         self.evaluate_batch(trainer, pl_module, outputs, batch, "predict", dataloader_idx)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """End a validation: :meth:`end_evaluation` with ``split="val"``."""
         self.end_evaluation(trainer, pl_module, "val")
 
     @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """End a test: :meth:`end_evaluation` with ``split="test"``."""
         self.end_evaluation(trainer, pl_module, "test")

@@ -42,7 +42,7 @@ __all__ = ["TrainableCallback", "ensure_containers"]
 log = logging.getLogger(__name__)
 
 _ALLOWED_CLIP_ALGORITHMS = ("norm", "value")
-_ALLOWED_PRECISIONS = (None, "32", "bf16-mixed", "16-mixed")
+_ALLOWED_PRECISIONS = (None, "32", "32-true", "bf16-mixed", "16-mixed")
 # The autocast of each mixed precision (Lightning's names); every other precision runs the probe as it is.
 _AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 # State keys of sslprobe's callbacks in a checkpoint (their class names), and the mark of a checkpoint already read.
@@ -137,8 +137,9 @@ class TrainableCallback(Callback):
             and change state only in place) and warns where it cannot capture; ``False`` never captures.
         precision: ``None`` (default) follows the Trainer: under ``"bf16-mixed"`` or ``"16-mixed"`` the forward and
             the loss run under the same autocast as the training step (float32 weights and update; ``16-mixed``
-            with the module's own loss scale), under any other precision as they are. ``"32"`` keeps the forward
-            in float32 under any Trainer; ``"bf16-mixed"``/``"16-mixed"`` ask for that autocast under any.
+            with the module's own loss scale), under any other precision as they are. ``"32"`` (or ``"32-true"``)
+            runs the forward without autocast, in the module's own dtype (float32 but under a ``*-true`` half
+            precision, which builds the module in it); ``"bf16-mixed"``/``"16-mixed"`` ask for that autocast.
 
     Raises:
         ValueError: for a bad value or a name already used on ``module``.
@@ -170,7 +171,7 @@ class TrainableCallback(Callback):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         cuda_graph: bool | None = None,
-        precision: Literal["32", "bf16-mixed", "16-mixed"] | None = None,
+        precision: Literal["32", "32-true", "bf16-mixed", "16-mixed"] | None = None,
     ) -> None:
         cls = type(self).__name__
         name = check_name(name, cls)
@@ -221,7 +222,7 @@ class TrainableCallback(Callback):
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.cuda_graph = cuda_graph
         self.precision = precision
-        self._autocast: torch.dtype | None = None  # the forward's autocast in this fit (see `precision`)
+        self._autocast: torch.dtype | None = None  # the forward's autocast, set at each fit and evaluation
         self._owner = owner
         self._graphed = GraphedStep(owner, cuda_graph)
         # Whether the captured code (compute_step and compute_loss) is sslprobe's own (see `cuda_graph`).
@@ -404,6 +405,7 @@ class TrainableCallback(Callback):
             broadcast_([*module.parameters(), *module.buffers()])
         stepper = self._ensure_stepper(trainer, module)
         stepper.to(stepper.params[0].device)
+        stepper.use_loss_scale(self._autocast == torch.float16)  # this fit's precision may not be the last one's
 
     @override
     def on_train_batch_end(

@@ -24,6 +24,7 @@ from sslprobe.probes.feature_norm import freeze_norm_statistics
 __all__ = ["OnlineProbe"]
 
 warning_cache = WarningCache()
+_HALF = (torch.bfloat16, torch.float16)
 
 
 class OnlineProbe(LayerReader, EvaluationHooks, TrainableCallback):
@@ -58,7 +59,7 @@ class OnlineProbe(LayerReader, EvaluationHooks, TrainableCallback):
         cuda_graph: on a GPU the whole training step (forward, loss, gradients, update, top-1 counts) is replayed
             from a CUDA graph after two eager steps, with the eager step's numbers (see :class:`TrainableCallback`).
         precision: ``None``: under ``"bf16-mixed"``/``"16-mixed"`` the forward and loss run under the Trainer's
-            autocast, as in ``training_step``, with float32 weights and update; ``"32"`` keeps them in float32.
+            autocast, as in ``training_step``, with float32 weights, logits and update; ``"32"``: no autocast.
 
     Raises:
         ValueError: for bad values, or a name already used on ``module``.
@@ -98,7 +99,7 @@ class OnlineProbe(LayerReader, EvaluationHooks, TrainableCallback):
         gradient_clip_algorithm: Literal["norm", "value"] = "norm",
         metrics: _metrics.MetricsSpec = None,
         cuda_graph: bool | None = None,
-        precision: Literal["32", "bf16-mixed", "16-mixed"] | None = None,
+        precision: Literal["32", "32-true", "bf16-mixed", "16-mixed"] | None = None,
     ) -> None:
         name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"
@@ -263,25 +264,21 @@ class OnlineProbe(LayerReader, EvaluationHooks, TrainableCallback):
     def end_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
         """Log ``eval/{name}_{metric}`` (``test/...``) over the whole split, every process's rows included."""
         probe_io.end_evaluation(self.trainable_module(pl_module))
-        if trainer.sanity_checking:
-            for metric in self._split_metrics(pl_module, split).values():
-                _metrics.reset_metric(metric)
-            return
-        self._log_metrics(pl_module, split)
+        self._log_metrics(pl_module, split, skip=trainer.sanity_checking)  # the sanity check's: reset, not logged
 
     def log_metrics(self, pl_module: pl.LightningModule, split: str, loader: int, suffix: str, values: dict) -> None:
         """Log the computed metrics of one loader of ``split`` (``{prefix}/{name}_{metric}{suffix}``)."""
         _metrics.log_split_values(pl_module, self.name, split, suffix, values)
 
-    def _log_metrics(self, pl_module: pl.LightningModule, split: str) -> None:
-        container = pl_module.callbacks_metrics[self.name]
-        computed = _metrics.computed_loader_metrics(pl_module, container, self.name, split, owner=self._owner)
-        for loader, suffix, values in computed:
-            self.log_metrics(pl_module, split, loader, suffix, values)
+    def _log_metrics(self, pl_module: pl.LightningModule, split: str, skip: bool = False) -> None:
+        container, owner, log = pl_module.callbacks_metrics[self.name], self._owner, self.log_metrics
+        _metrics.log_loader_metrics(pl_module, container, self.name, split, skip=skip, owner=owner, log=log)
 
     def _forward(self, probe: nn.Module, features: Tensor, stage: str) -> Tensor:
         x = probe_io.probe_input(probe, features)
-        return probe(x) if stage in self._checked else checks.run_probe_checked(self._owner, self.input, probe, x)
+        preds = probe(x) if stage in self._checked else checks.run_probe_checked(self._owner, self.input, probe, x)
+        # Logits of an autocast forward are 16-bit: the loss, the metrics and the stored predictions read float32.
+        return preds.float() if self._autocast is not None and preds.dtype in _HALF else preds
 
     def _check_target(self, preds: Tensor, target: Tensor, stage: str) -> None:
         if stage not in self._checked:

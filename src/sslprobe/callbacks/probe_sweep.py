@@ -185,7 +185,7 @@ class ProbeSweep(OnlineProbe):
             the AdamW update of every head, the top-1 counts) is replayed from a CUDA graph; the SGD and LARS
             sweeps run eagerly.
         precision: as for :class:`OnlineProbe`: ``None`` follows the Trainer's mixed precision (the bank's forward
-            under its autocast, float32 weights and update); ``"32"`` keeps the sweep in float32.
+            under its autocast, float32 weights and update); ``"32"``: no autocast.
 
     Raises:
         ValueError: for an empty grid, a repeated, non-finite or non-positive value in it, or an unknown optimizer.
@@ -213,7 +213,7 @@ class ProbeSweep(OnlineProbe):
         optimizer: str | Mapping[str, Any] | None = None,
         metrics: MetricsSpec = None,
         cuda_graph: bool | None = None,
-        precision: Literal["32", "bf16-mixed", "16-mixed"] | None = None,
+        precision: Literal["32", "32-true", "bf16-mixed", "16-mixed"] | None = None,
     ) -> None:
         name = check_name(name, type(self).__name__)
         owner = f"{type(self).__name__}(name={name!r})"

@@ -271,6 +271,18 @@ class Stepper:
             self.scheduler.step()
         return True
 
+    def use_loss_scale(self, on: bool) -> None:
+        """Give the loss a dynamic scale from now on (a float16 forward), or none; float16 parameters keep theirs.
+
+        A new fit may run another precision than the one this stepper was built for (a first fit in float32, a second
+        under ``16-mixed``); a switch starts the scale afresh.
+        """
+        on = on or any(p.dtype == torch.float16 for p in self.params)
+        if on != self._scaling:
+            self._scaling = on
+            self._scale.fill_(_INIT_SCALE if on else 1.0)
+            self._growth_tracker.zero_()
+
     def prepare_capture(self) -> None:
         """Before a CUDA graph captures :meth:`device_step`: it needs no long-lived gradient buffers.
 
