@@ -92,10 +92,14 @@ def loader_suffix(trainer: Any, split: str, loader: int) -> str:
         >>> loader_suffix(SimpleNamespace(num_val_batches=[4, 2]), "val", 1), loader_suffix(None, "train", 0)
         ('/dataloader_idx_1', '')
     """
+    return f"/dataloader_idx_{loader}" if _loader_count(trainer, split) > 1 else ""
+
+
+def _loader_count(trainer: Any, split: str) -> int:
+    """How many loaders the Trainer runs for ``split`` (1 for training, or when it cannot say)."""
     counts = {"val": "num_val_batches", "test": "num_test_batches"}.get(split)
     batches = getattr(trainer, counts, None) if counts else None
-    several = isinstance(batches, Sequence) and len(batches) > 1
-    return f"/dataloader_idx_{loader}" if several else ""
+    return len(batches) if isinstance(batches, Sequence) else 1
 
 
 def computed_loader_metrics(
@@ -108,6 +112,11 @@ def computed_loader_metrics(
     number: said once per key); with ``skip`` (a sanity check) nothing does. ``compute`` reduces across processes.
     """
     computed = []
+    if world_size() > 1 and STAGE_KEY.get(split) in container:
+        # Every process holds every loader's metrics, also those of a loader whose shard it found empty: the
+        # reductions below must meet on the same list everywhere.
+        for loader in range(1, _loader_count(pl_module.trainer, split)):
+            loader_metrics(container, split, loader)
     loaders = list(evaluated_loaders(container, split))
     updated = _updated_anywhere([m for _, metrics in loaders for m in metrics.values()], pl_module, skip)
     for loader, metrics in loaders:

@@ -357,6 +357,28 @@ def scenario_health_empty_rank(args):
     return {"per_rank": logged.per_rank, "world_size": t.world_size, "validations": logged.validations}
 
 
+class SecondLoaderOnRankZero(ShardedData):
+    """Two validation loaders: the first sharded across ranks, the second on rank 0 only."""
+
+    def val_dataloader(self):
+        return [super().val_dataloader(), torch.utils.data.DataLoader(RankZeroOnly(self.n_val), batch_size=8)]
+
+
+class LoaderValuesLogged(EveryRankLogged):
+    keys = tuple(f"eval/{name}_top1/dataloader_idx_{i}" for name in ("p", "knn") for i in (0, 1))
+
+
+def scenario_second_loader_empty_rank(args):
+    """A probe and a kNN with two validation loaders, the second empty on rank 1: the run ends, ranks agree."""
+    model = build_module(trainable=True)
+    probe = OnlineProbe(model, "p", "embedding", "label", probe=nn.Linear(16, NUM_CLASSES), optimizer="AdamW")
+    knn = OnlineKNN(model, "knn", "embedding", "label", k=5, temperature=0.1, num_classes=NUM_CLASSES)
+    logged = LoaderValuesLogged()
+    t = trainer(args.accelerator, [probe, knn, logged], max_epochs=2)
+    t.fit(model, datamodule=SecondLoaderOnRankZero())
+    return {"per_rank": logged.per_rank, "world_size": t.world_size, "validations": logged.validations}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("scenario")
@@ -375,6 +397,7 @@ def main():
     scenarios["layer"] = scenario_layer
     scenarios["health"] = scenario_health
     scenarios["health_empty_rank"] = scenario_health_empty_rank
+    scenarios["second_loader_empty_rank"] = scenario_second_loader_empty_rank
     result = scenarios[args.scenario](args)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
         torch.save(result, args.out)

@@ -326,3 +326,22 @@ def test_health_and_knn_when_one_rank_has_no_validation_row(tmp_path):
     assert set(first) == {"eval/rankme", "eval/alpha", "eval/rankme_val", "eval/lidar", "eval/knn_top1"}
     for key, value in first.items():
         assert value == pytest.approx(trainer.callback_metrics[key].item(), rel=1e-4), key
+
+
+def test_a_second_validation_loader_empty_on_one_rank(tmp_path):
+    # Rank 1 never sees a batch of the second loader: it still holds that loader's metrics, so every reduction
+    # meets; both ranks log the same numbers, and the kNN's equal one process holding both loaders whole.
+    from sslprobe.callbacks import OnlineKNN
+
+    result = run_worker("second_loader_empty_rank", tmp_path / "second.pt")
+    assert result["world_size"] == 2 and result["validations"] == 2
+    first, second = result["per_rank"]
+    assert first == second
+    assert set(first) == {f"eval/{name}_top1/dataloader_idx_{i}" for name in ("p", "knn") for i in (0, 1)}
+    model = build_module(trainable=True)
+    knn = OnlineKNN(model, "knn", "embedding", "label", k=5, temperature=0.1, num_classes=NUM_CLASSES)
+    trainer = make_trainer(callbacks=[knn], max_epochs=2)
+    trainer.fit(model, loader(48, batch_size=8), [loader(24, batch_size=8, seed=1)] * 2)
+    for i in (0, 1):
+        key = f"eval/knn_top1/dataloader_idx_{i}"
+        assert first[key] == pytest.approx(trainer.callback_metrics[key].item(), rel=1e-6), key
