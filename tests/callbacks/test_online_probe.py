@@ -731,6 +731,18 @@ def test_feature_size_mismatch():
         make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
 
 
+def test_a_failed_collective_in_the_probe_is_not_called_a_size_mismatch():
+    class Collective(nn.Linear):
+        def forward(self, x):
+            raise torch.distributed.DistBackendError("gloo: Connection reset by peer")
+
+    model = make_module()
+    probe = OnlineProbe(model, "p", "embedding", "label", probe=Collective(D_EMB, NUM_CLASSES))
+    with pytest.raises(torch.distributed.DistBackendError, match="Connection reset by peer") as caught:
+        make_trainer(max_epochs=1, callbacks=[probe]).fit(model, dict_loader())
+    assert "input size" not in str(caught.value)
+
+
 def test_float_and_out_of_range_targets():
     model = make_module()
     probe = OnlineProbe(model, "linear", "embedding", lambda out, b: b["label"].float(), probe=linear_probe())

@@ -121,6 +121,8 @@ def run_probe_checked(owner: str, input: Any, probe: nn.Module, x: Tensor) -> Te
     check_features(owner, input, x, probe)
     try:
         return probe(x)
+    except torch.distributed.DistError:
+        raise  # a collective failed (another process stopped): nothing to do with the features' size
     except RuntimeError as err:
         raise RuntimeError(
             f"{owner}: the probe failed on features {input!r} of shape {tuple(x.shape)} and dtype {x.dtype}: {err}. "
