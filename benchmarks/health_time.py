@@ -16,28 +16,15 @@ on CUDA.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import torch
 
 from sslprobe.probes.spectra import alpha_req, lidar, rankme
 
-
-def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``fn()`` over ``repeats`` runs (one warm-up first), synchronised at both ends; its value."""
-    value = float(fn())
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), value
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from refit_time import timed
 
 
 def main() -> None:
@@ -70,7 +57,7 @@ def main() -> None:
     print(f"# {name} torch={torch.__version__} float64, median of {args.repeats} after a warm-up")
     print(f"{'computation':36s} {'seconds':>8s} {'value':>10s}")
     for label, fn in cases:
-        seconds, value = timed(fn, device, args.repeats)
+        value, seconds = float(fn()), timed(fn, device, args.repeats)
         print(f"{label:36s} {seconds:8.3f} {value:10.3f}")
 
 
