@@ -222,7 +222,7 @@ class TrainableCallback(Callback):
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.cuda_graph = cuda_graph
         self.precision = precision
-        self._autocast: torch.dtype | None = None  # the forward's autocast, set at each fit and evaluation
+        self._autocast: torch.dtype | None = None  # the forward's autocast in this run, set at setup
         self._owner = owner
         self._graphed = GraphedStep(owner, cuda_graph)
         # Whether the captured code (compute_step and compute_loss) is sslprobe's own (see `cuda_graph`).
@@ -377,6 +377,7 @@ class TrainableCallback(Callback):
         """Bind to the Trainer's module if not yet; check the strategy; keep the probe out of DDP's reduction."""
         if self._binds_at_setup and not is_bound(self.name, pl_module):
             self._bind(pl_module)
+        self._autocast = autocast_dtype(trainer, self.precision)  # for this run's training and evaluation
         module = self.trainable_module(pl_module)
         kind = self._check_strategy(trainer, pl_module, module)
         if stage == "fit" and kind == "ddp" and world_size_of(trainer) > 1:
@@ -396,7 +397,6 @@ class TrainableCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the optimizer (unless the module is still lazy) or move its state to the module's device."""
         module = self.trainable_module(pl_module)
-        self._autocast = autocast_dtype(trainer, self.precision)
         self.__dict__.pop("_buffer_cache", None)  # the module may have moved: its buffers are new tensors
         if has_uninitialized_params(module):
             return
@@ -405,7 +405,6 @@ class TrainableCallback(Callback):
             broadcast_([*module.parameters(), *module.buffers()])
         stepper = self._ensure_stepper(trainer, module)
         stepper.to(stepper.params[0].device)
-        stepper.use_loss_scale(self._autocast == torch.float16)  # this fit's precision may not be the last one's
 
     @override
     def on_train_batch_end(
@@ -574,6 +573,7 @@ class TrainableCallback(Callback):
         current = self._stepper
         same = current is not None and len(params) == len(current.params)
         if same and all(map(operator.is_, params, current.params)):
+            current.use_loss_scale(self._autocast == torch.float16)  # this fit's precision may not be the last one's
             return current
         optimizer = create_optimizer(self.optimizer, params, owner=self._owner)
         scheduler, interval = self._build_scheduler(trainer, optimizer)

@@ -16,7 +16,7 @@ from sslprobe._build import ModuleSpec, has_uninitialized_params
 from sslprobe.callbacks import _probe_checks as checks
 from sslprobe.callbacks import _probe_io as probe_io
 from sslprobe.callbacks._evaluation_hooks import EvaluationHooks
-from sslprobe.callbacks.base import TrainableCallback, autocast_dtype, check_name, ensure_containers
+from sslprobe.callbacks.base import TrainableCallback, check_name, ensure_containers
 from sslprobe.layer import LayerReader
 from sslprobe.optim.factories import OptimizerSpec, SchedulerSpec
 from sslprobe.probes.feature_norm import freeze_norm_statistics
@@ -245,7 +245,6 @@ class OnlineProbe(LayerReader, EvaluationHooks, TrainableCallback):
         freeze_norm_statistics(probe, loader > 0)  # a second loader (a shifted domain): the first loader's statistics
         # Lightning evaluates under inference mode; parameters materialised there could never be trained.
         inference = not lazy and torch.is_inference_mode_enabled()
-        self._autocast = autocast_dtype(trainer, self.precision)
         with torch.inference_mode(inference), torch.no_grad(), self._private_rng(probe), self.autocast(features.device):
             preds = self._forward(probe, features.clone() if lazy else features, split)
         probe_io.store_predictions(self.name, self.head_predictions(preds), outputs, batch, both=split == "predict")
